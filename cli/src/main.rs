@@ -1,0 +1,214 @@
+//! `isthmus`: the one binary. Parses flags, loads layered configuration, runs the runtime and
+//! maps failures to exit codes (64: invalid configuration, naming the field; 1: failure).
+//! Logic that tests need lives in the libraries.
+
+mod identity;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use isthmus_core::config::{self, ConfigError};
+use isthmus_core::telemetry::{self, LogFormat};
+
+/// Exit code for invalid configuration (sysexits EX_USAGE/EX_CONFIG family).
+const EXIT_CONFIG: u8 = 64;
+
+/// Isthmus joins clusters into one secure service network with SPIFFE identities.
+#[derive(Debug, Parser)]
+#[command(name = "isthmus", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// SPIFFE identities: demo, inspect certificates and bundles.
+    #[command(subcommand)]
+    Identity(IdentityCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum IdentityCommand {
+    /// Create two throw-away trust domains, issue SVIDs, verify them and run an mTLS
+    /// handshake between them on 127.0.0.1.
+    Demo(ConfigArgs),
+    /// Print the SPIFFE facts of the certificates in a PEM or DER file.
+    Inspect {
+        /// The file to inspect.
+        file: PathBuf,
+    },
+    /// Parse a SPIFFE bundle (JSON) and print its authorities.
+    Bundle {
+        /// The bundle document.
+        file: PathBuf,
+        /// The trust domain the bundle belongs to (a bundle does not name it).
+        #[arg(long, value_parser = isthmus_core::TrustDomain::new)]
+        trust_domain: isthmus_core::TrustDomain,
+    },
+}
+
+/// Flags shared by every command that takes a configuration.
+#[derive(Debug, clap::Args)]
+struct ConfigArgs {
+    /// Configuration file (TOML). Layering: defaults < file < ISTHMUS_* environment < flags.
+    #[arg(long, short = 'c')]
+    config: Option<PathBuf>,
+    /// Override one field: `--set leaf_ttl=30m` (repeatable).
+    #[arg(long = "set", value_parser = config::parse_set_flag)]
+    set: Vec<(String, String)>,
+    /// Only validate the configuration, print it, and exit.
+    #[arg(long)]
+    check: bool,
+}
+
+/// Failures the binary distinguishes by exit code.
+#[derive(Debug)]
+enum Failure {
+    Config(ConfigError),
+    Other(anyhow::Error),
+}
+
+impl From<ConfigError> for Failure {
+    fn from(e: ConfigError) -> Self {
+        Self::Config(e)
+    }
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(e: anyhow::Error) -> Self {
+        Self::Other(e)
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    run(cli)
+}
+
+fn run(cli: Cli) -> ExitCode {
+    let format = match LogFormat::from_env(&config::ProcessEnv) {
+        Ok(format) => format,
+        Err(e) => {
+            eprintln!("invalid configuration: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    if let Err(e) = telemetry::init_tracing(format, "warn") {
+        eprintln!("invalid configuration: {e}");
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    isthmus_core::tls::install_default_provider();
+    match dispatch(cli, &config::ProcessEnv) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Config(e)) => {
+            eprintln!("invalid configuration: {e}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+        Err(Failure::Other(e)) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn dispatch(cli: Cli, env: &dyn config::Environment) -> Result<(), Failure> {
+    match cli.command {
+        Command::Identity(IdentityCommand::Demo(args)) => {
+            let cfg: identity::DemoConfig =
+                config::load(args.config.as_deref(), env, identity::DEMO_ENV, &args.set)?;
+            if args.check {
+                println!(
+                    "configuration is valid:\n{}",
+                    serde_json::to_string_pretty(&config::redacted_json(&cfg, &[])?)
+                        .map_err(anyhow::Error::from)?
+                );
+                return Ok(());
+            }
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .map_err(anyhow::Error::from)?;
+            runtime.block_on(identity::demo(&cfg))?;
+            Ok(())
+        }
+        Command::Identity(IdentityCommand::Inspect { file }) => Ok(identity::inspect(&file)?),
+        Command::Identity(IdentityCommand::Bundle { file, trust_domain }) => {
+            Ok(identity::show_bundle(&file, trust_domain)?)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    fn dispatch_args(args: &[&str], env: &BTreeMap<String, String>) -> Result<(), Failure> {
+        dispatch(Cli::try_parse_from(args).unwrap(), env)
+    }
+
+    #[test]
+    fn invalid_config_names_the_field() {
+        let dir = std::env::temp_dir().join(format!("isthmus-cli-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("demo.toml");
+        std::fs::write(&file, "trust_domain = \"West.Example\"\n").unwrap();
+        let path = file.to_str().unwrap();
+        let env = BTreeMap::new();
+        match dispatch_args(
+            &["isthmus", "identity", "demo", "--check", "-c", path],
+            &env,
+        ) {
+            Err(Failure::Config(e)) => assert_eq!(e.field(), Some("trust_domain"), "{e}"),
+            other => panic!("expected a configuration error, got {other:?}"),
+        }
+        std::fs::write(&file, "leaf_tll = \"5m\"\n").unwrap();
+        match dispatch_args(
+            &["isthmus", "identity", "demo", "--check", "-c", path],
+            &env,
+        ) {
+            Err(Failure::Config(e)) => assert_eq!(e.field(), Some("leaf_tll"), "{e}"),
+            other => panic!("expected a configuration error, got {other:?}"),
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn layers_env_and_flags_then_validates() {
+        let mut env = BTreeMap::new();
+        env.insert(
+            "ISTHMUS_DEMO_PEER_TRUST_DOMAIN".to_owned(),
+            "west.example".to_owned(),
+        );
+        // Same trust domain twice: validation names the peer field.
+        match dispatch_args(&["isthmus", "identity", "demo", "--check"], &env) {
+            Err(Failure::Config(e)) => assert_eq!(e.field(), Some("peer_trust_domain"), "{e}"),
+            other => panic!("expected a validation error, got {other:?}"),
+        }
+        // A flag beats the environment.
+        dispatch_args(
+            &[
+                "isthmus",
+                "identity",
+                "demo",
+                "--check",
+                "--set",
+                "peer_trust_domain=south.example",
+            ],
+            &env,
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn demo_runs_end_to_end() {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        runtime
+            .block_on(identity::demo(&identity::DemoConfig::default()))
+            .unwrap();
+    }
+}

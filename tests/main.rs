@@ -1,0 +1,12 @@
+//! The integration tests of Isthmus: one binary that pulls in every module, so the suite links
+//! once. Tiers: vectors and in-process checks, then services on 127.0.0.1 (port 0), then
+//! privileged network-namespace and BPF tests (root; required under `CI=true`).
+#![expect(
+    clippy::unwrap_used,
+    reason = "integration tests panic with the failing value by design"
+)]
+
+mod support;
+
+mod mtls;
+mod spiffe_vectors;
