@@ -8,5 +8,8 @@
 
 mod support;
 
+mod broker;
+mod broker_durability;
+mod federation;
 mod mtls;
 mod spiffe_vectors;

@@ -2,6 +2,7 @@
 //! maps failures to exit codes (64: invalid configuration, naming the field; 1: failure).
 //! Logic that tests need lives in the libraries.
 
+mod broker;
 mod identity;
 
 use std::path::PathBuf;
@@ -24,6 +25,10 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the trust broker (CA, bundle endpoint, federation), or administer a running one.
+    Broker(broker::BrokerArgs),
+    /// This trust domain's bundle, from a running broker.
+    Bundle(broker::BundleArgs),
     /// SPIFFE identities: demo, inspect certificates and bundles.
     #[command(subcommand)]
     Identity(IdentityCommand),
@@ -51,12 +56,12 @@ enum IdentityCommand {
 
 /// Flags shared by every command that takes a configuration.
 #[derive(Debug, clap::Args)]
-struct ConfigArgs {
+pub struct ConfigArgs {
     /// Configuration file (TOML). Layering: defaults < file < ISTHMUS_* environment < flags.
-    #[arg(long, short = 'c')]
+    #[arg(long, short = 'c', global = true)]
     config: Option<PathBuf>,
     /// Override one field: `--set leaf_ttl=30m` (repeatable).
-    #[arg(long = "set", value_parser = config::parse_set_flag)]
+    #[arg(long = "set", value_parser = config::parse_set_flag, global = true)]
     set: Vec<(String, String)>,
     /// Only validate the configuration, print it, and exit.
     #[arg(long)]
@@ -65,8 +70,10 @@ struct ConfigArgs {
 
 /// Failures the binary distinguishes by exit code.
 #[derive(Debug)]
-enum Failure {
+pub enum Failure {
+    /// Invalid configuration: exit 64.
     Config(ConfigError),
+    /// Anything else: exit 1.
     Other(anyhow::Error),
 }
 
@@ -115,6 +122,8 @@ fn run(cli: Cli) -> ExitCode {
 
 fn dispatch(cli: Cli, env: &dyn config::Environment) -> Result<(), Failure> {
     match cli.command {
+        Command::Broker(args) => broker::run(args, env),
+        Command::Bundle(args) => broker::run_bundle(args, env),
         Command::Identity(IdentityCommand::Demo(args)) => {
             let cfg: identity::DemoConfig =
                 config::load(args.config.as_deref(), env, identity::DEMO_ENV, &args.set)?;

@@ -110,17 +110,29 @@ impl CertificateAuthority {
         ttl: Duration,
     ) -> Result<Self, CaError> {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let serial = random_serial()?;
         let mut params = CertificateParams::default();
         params.distinguished_name = organization("Isthmus");
         params
             .distinguished_name
             .push(DnType::CommonName, format!("{trust_domain} root CA"));
+        // A distinct subject per root (as SPIRE does): path building matches issuers by name,
+        // and a bundle holding several roots of one domain must not make every root a
+        // candidate for every leaf.
+        let serial_hex: String = serial
+            .to_bytes()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        params
+            .distinguished_name
+            .push(DnType::CustomDnType(vec![2, 5, 4, 5]), serial_hex);
         params.subject_alt_names = vec![uri_san(&trust_domain.id())?];
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         params.not_before = now - BACKDATE;
         params.not_after = now + ttl;
-        params.serial_number = Some(random_serial()?);
+        params.serial_number = Some(serial);
         let cert = params.self_signed(&key)?;
         let key_der = PrivatePkcs8KeyDer::from(key.serialize_der());
         Self::from_parts(trust_domain, cert.der().clone(), key_der)
@@ -199,13 +211,43 @@ impl CertificateAuthority {
         Bundle::with_x509_authorities(self.trust_domain.clone(), vec![self.cert.clone()])
     }
 
-    /// Signs a leaf SVID certificate for `id` over `public_key`.
+    /// Signs a leaf SVID certificate for `id` over `public_key`, with a random serial.
     pub fn sign_leaf(
         &self,
         id: &SpiffeId,
         public_key: &impl PublicKeyData,
         ttl: Duration,
         now: OffsetDateTime,
+    ) -> Result<CertificateDer<'static>, CaError> {
+        self.sign_leaf_with_serial(id, public_key, ttl, now, random_serial()?)
+    }
+
+    /// Signs a leaf whose serial starts with the big-endian `counter` (kept monotonic by the
+    /// caller's durable store) followed by 8 random bytes, so serials sort by issuance and
+    /// stay unpredictable.
+    pub fn sign_leaf_numbered(
+        &self,
+        id: &SpiffeId,
+        public_key: &impl PublicKeyData,
+        ttl: Duration,
+        now: OffsetDateTime,
+        counter: u64,
+    ) -> Result<CertificateDer<'static>, CaError> {
+        let random = random_serial()?.to_bytes();
+        let mut bytes = Vec::with_capacity(16);
+        // Clear the top bit so the DER INTEGER stays positive without a padding byte.
+        bytes.extend_from_slice(&(counter & (u64::MAX >> 1)).to_be_bytes());
+        bytes.extend_from_slice(&random[random.len().saturating_sub(8)..]);
+        self.sign_leaf_with_serial(id, public_key, ttl, now, SerialNumber::from_slice(&bytes))
+    }
+
+    fn sign_leaf_with_serial(
+        &self,
+        id: &SpiffeId,
+        public_key: &impl PublicKeyData,
+        ttl: Duration,
+        now: OffsetDateTime,
+        serial: SerialNumber,
     ) -> Result<CertificateDer<'static>, CaError> {
         if id.trust_domain_name() != self.trust_domain.name() {
             return Err(CaError::BadId {
@@ -238,7 +280,7 @@ impl CertificateAuthority {
         ];
         params.not_before = not_before;
         params.not_after = not_after;
-        params.serial_number = Some(random_serial()?);
+        params.serial_number = Some(serial);
         params.use_authority_key_identifier_extension = true;
         Ok(params.signed_by(public_key, &self.issuer)?.der().clone())
     }
@@ -267,6 +309,23 @@ impl CertificateAuthority {
     ) -> Result<X509Svid, CaError> {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
         let leaf = self.sign_leaf(id, &key, ttl, now)?;
+        Self::assemble(leaf, key)
+    }
+
+    /// [`Self::issue_svid`] with a numbered serial (see [`Self::sign_leaf_numbered`]).
+    pub fn issue_svid_numbered(
+        &self,
+        id: &SpiffeId,
+        ttl: Duration,
+        now: OffsetDateTime,
+        counter: u64,
+    ) -> Result<X509Svid, CaError> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let leaf = self.sign_leaf_numbered(id, &key, ttl, now, counter)?;
+        Self::assemble(leaf, key)
+    }
+
+    fn assemble(leaf: CertificateDer<'static>, key: KeyPair) -> Result<X509Svid, CaError> {
         Ok(X509Svid::new(
             vec![leaf],
             PrivatePkcs8KeyDer::from(key.serialize_der()),

@@ -187,10 +187,12 @@ pub fn verify_error(error: &rustls::Error) -> Option<&VerifyError> {
     }
 }
 
-/// Server-side verifier of client certificates: a client must present an SVID.
+/// Server-side verifier of client certificates: a client must present an SVID (unless built
+/// with [`SpiffeClientCertVerifier::optional`]).
 #[derive(Debug)]
 pub struct SpiffeClientCertVerifier {
     inner: PeerVerifier,
+    mandatory: bool,
 }
 
 impl SpiffeClientCertVerifier {
@@ -206,11 +208,31 @@ impl SpiffeClientCertVerifier {
                 authorizer,
                 observer,
             },
+            mandatory: true,
+        }
+    }
+
+    /// Like [`Self::new`], but a client may also connect without any certificate (a client
+    /// that presents one must still present a valid, authorized SVID). For endpoints where an
+    /// unauthenticated call is part of the protocol, such as node attestation with a join
+    /// token; the application then checks per call whether a peer ID is present.
+    pub fn optional(
+        trust: TrustStore,
+        authorizer: Arc<dyn Authorizer>,
+        observer: Option<RejectionObserver>,
+    ) -> Self {
+        Self {
+            mandatory: false,
+            ..Self::new(trust, authorizer, observer)
         }
     }
 }
 
 impl ClientCertVerifier for SpiffeClientCertVerifier {
+    fn client_auth_mandatory(&self) -> bool {
+        self.mandatory
+    }
+
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
         // Roots come from many trust domains and change at runtime; hinting them would only
         // leak the federation list.
@@ -389,12 +411,48 @@ pub fn server_config(settings: &MtlsSettings) -> Result<ServerConfig, TlsError> 
         settings.authorizer.clone(),
         settings.observer.clone(),
     );
+    server_config_with(settings, verifier)
+}
+
+/// Like [`server_config`], but clients without a certificate are admitted too (see
+/// [`SpiffeClientCertVerifier::optional`]).
+pub fn server_config_optional_client(settings: &MtlsSettings) -> Result<ServerConfig, TlsError> {
+    let verifier = SpiffeClientCertVerifier::optional(
+        settings.trust.clone(),
+        settings.authorizer.clone(),
+        settings.observer.clone(),
+    );
+    server_config_with(settings, verifier)
+}
+
+fn server_config_with(
+    settings: &MtlsSettings,
+    verifier: SpiffeClientCertVerifier,
+) -> Result<ServerConfig, TlsError> {
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(Arc::new(verifier))
         .with_cert_resolver(Arc::new(SvidCertResolver::new(settings.svid.clone())));
     config.alpn_protocols = settings.alpn.clone();
     disable_resumption_server(&mut config);
+    Ok(config)
+}
+
+/// A TLS 1.3 client configuration that verifies the server's SVID but presents no certificate
+/// (for bootstrapping: node attestation before the node has an SVID).
+pub fn anonymous_client_config(
+    trust: TrustStore,
+    authorizer: Arc<dyn Authorizer>,
+    alpn: Vec<Vec<u8>>,
+) -> Result<ClientConfig, TlsError> {
+    let verifier = SpiffeServerCertVerifier::new(trust, authorizer, None);
+    let mut config = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_no_client_auth();
+    config.alpn_protocols = alpn;
+    config.resumption = rustls::client::Resumption::disabled();
     Ok(config)
 }
 

@@ -1,0 +1,13 @@
+//! Isthmus wire APIs: the trust broker's gRPC services (generated from `proto/` by protox and
+//! tonic) and the SPIFFE-mTLS transport that carries them.
+//!
+//! - [`broker`]: the `isthmus.broker.v1` messages, clients and servers.
+//! - [`transport`]: SPIFFE-mTLS incoming connections and channels for tonic.
+
+pub mod transport;
+
+/// `isthmus.broker.v1`: issuance, distribution and administration of the trust broker.
+pub mod broker {
+    #![expect(missing_docs, clippy::allow_attributes, reason = "generated code")]
+    tonic::include_proto!("isthmus.broker.v1");
+}
