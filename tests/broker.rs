@@ -201,7 +201,9 @@ fn csr() -> (KeyPair, Vec<u8>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_attest_with_join_tokens_and_get_only_their_entries() {
     let dir = data_dir("issuance");
-    let broker = Broker::start(&config("west.example", &dir)).await.unwrap();
+    let mut cfg = config("west.example", &dir);
+    cfg.api.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+    let broker = Broker::start(&cfg).await.unwrap();
     let mut admin = admin(&broker);
     let token = admin
         .create_join_token(pb::CreateJoinTokenRequest {
@@ -375,6 +377,39 @@ async fn nodes_attest_with_join_tokens_and_get_only_their_entries() {
             .signing_root_generation;
     }
 
+    // Issuance, attestation and refusals are counted, and served on /metrics.
+    let text = http_get(broker.metrics_addr().unwrap(), "/metrics").await;
+    for line in [
+        "isthmus_broker_svids_issued_total{kind=\"node\"} 1",
+        "isthmus_broker_svids_issued_total{kind=\"workload\"} 1",
+        "isthmus_broker_attestations_total{attestor=\"join_token\",result=\"refused\"} 2",
+        "isthmus_broker_issuance_denied_total{reason=\"entry_not_assigned\"} 1",
+    ] {
+        assert!(text.contains(line), "missing {line:?} in\n{text}");
+    }
+    assert!(
+        http_get(broker.metrics_addr().unwrap(), "/healthz/ready")
+            .await
+            .starts_with("ready")
+    );
+
     broker.shutdown(Duration::from_secs(5)).await;
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A minimal HTTP/1.0 GET on loopback; returns the body.
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut response = String::new();
+    tcp.read_to_string(&mut response).await.unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    assert!(
+        head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"),
+        "{head}"
+    );
+    body.to_owned()
 }

@@ -2,8 +2,10 @@
 //! tonic) and the SPIFFE-mTLS transport that carries them.
 //!
 //! - [`broker`]: the `isthmus.broker.v1` messages, clients and servers.
+//! - [`admin_http`]: `/metrics` and `/healthz/*` over plain HTTP.
 //! - [`transport`]: SPIFFE-mTLS incoming connections and channels for tonic.
 
+pub mod admin_http;
 pub mod transport;
 
 /// `isthmus.broker.v1`: issuance, distribution and administration of the trust broker.

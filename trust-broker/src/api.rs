@@ -16,6 +16,7 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use crate::authority::{Authority, AuthorityError};
+use crate::metrics::{AttestLabels, BrokerMetrics};
 use crate::model::{FederatedTrustDomain, JoinToken, RegistrationEntry, Selector};
 use crate::store::{BrokerStore, StoreError};
 
@@ -212,6 +213,7 @@ pub struct IssuanceService {
     trust: TrustStore,
     attestors: Vec<Arc<dyn NodeAttestor>>,
     node_ttl: Duration,
+    metrics: BrokerMetrics,
 }
 
 impl IssuanceService {
@@ -222,6 +224,7 @@ impl IssuanceService {
         trust: TrustStore,
         attestors: Vec<Arc<dyn NodeAttestor>>,
         node_ttl: Duration,
+        metrics: BrokerMetrics,
     ) -> Self {
         Self {
             authority,
@@ -229,18 +232,23 @@ impl IssuanceService {
             trust,
             attestors,
             node_ttl,
+            metrics,
         }
     }
 
     fn calling_node<T>(&self, request: &Request<T>) -> Result<String, Status> {
-        let peer = request
+        let Some(peer) = request
             .extensions()
             .get::<PeerIdentity>()
             .and_then(|p| p.spiffe_id.clone())
-            .ok_or_else(|| Status::unauthenticated("a node SVID is required"))?;
+        else {
+            self.metrics.denied("not_a_node");
+            return Err(Status::unauthenticated("a node SVID is required"));
+        };
         node_name(self.authority.trust_domain(), &peer)
             .map(str::to_owned)
             .ok_or_else(|| {
+                self.metrics.denied("not_a_node");
                 Status::permission_denied(format!("{peer} is not a node of this trust domain"))
             })
     }
@@ -263,13 +271,32 @@ impl Issuance for IssuanceService {
                 Status::invalid_argument(format!("unknown attestor {:?}", req.attestor))
             })?;
         let now = OffsetDateTime::now_utc();
-        let node = attestor.attest(&req.evidence, now).map_err(|e| match e {
-            AttestError::Refused(reason) => {
-                tracing::warn!(attestor = attestor.name(), %reason, "node attestation refused");
-                Status::permission_denied(reason)
+        let result = attestor.attest(&req.evidence, now);
+        let label = |result: &'static str| AttestLabels {
+            attestor: attestor.name().to_owned(),
+            result,
+        };
+        let node = match result {
+            Ok(node) => {
+                self.metrics.attestations.get_or_create(&label("ok")).inc();
+                node
             }
-            AttestError::Store(e) => internal(e),
-        })?;
+            Err(AttestError::Refused(reason)) => {
+                self.metrics
+                    .attestations
+                    .get_or_create(&label("refused"))
+                    .inc();
+                tracing::warn!(attestor = attestor.name(), %reason, "node attestation refused");
+                return Err(Status::permission_denied(reason));
+            }
+            Err(AttestError::Store(e)) => {
+                self.metrics
+                    .attestations
+                    .get_or_create(&label("error"))
+                    .inc();
+                return Err(internal(e));
+            }
+        };
         let id = self
             .authority
             .trust_domain()
@@ -279,6 +306,7 @@ impl Issuance for IssuanceService {
             .authority
             .sign_csr(&req.csr, &id, Some(self.node_ttl), now)
             .map_err(authority_status)?;
+        self.metrics.issued("node");
         tracing::info!(node = %node, spiffe_id = %id, "node attested");
         Ok(Response::new(pb::AttestNodeResponse {
             svid: Some(to_svid(&chain)?),
@@ -305,6 +333,7 @@ impl Issuance for IssuanceService {
                 OffsetDateTime::now_utc(),
             )
             .map_err(authority_status)?;
+        self.metrics.issued("node");
         Ok(Response::new(pb::SvidResponse {
             svid: Some(to_svid(&chain)?),
         }))
@@ -338,6 +367,7 @@ impl Issuance for IssuanceService {
                 .iter()
                 .find(|e| e.id == req.entry_id && e.node == node)
                 .ok_or_else(|| {
+                    self.metrics.denied("entry_not_assigned");
                     tracing::warn!(node = %node, entry = %req.entry_id, "SVID refused: entry not assigned to node");
                     Status::permission_denied(format!("entry {:?} is not assigned to node {node}", req.entry_id))
                 })?;
@@ -347,6 +377,7 @@ impl Issuance for IssuanceService {
                 .sign_csr(&req.csr, &entry.spiffe_id, ttl, now)
                 .map_err(authority_status)?;
             svids.push(to_svid(&chain)?);
+            self.metrics.issued("workload");
         }
         Ok(Response::new(pb::SignWorkloadSvidsResponse { svids }))
     }

@@ -88,6 +88,9 @@ pub struct ApiConfig {
     pub admin_socket: Option<PathBuf>,
     /// Lifetime of node SVIDs.
     pub node_svid_ttl: HumanDuration,
+    /// Plain-HTTP `/metrics` and `/healthz/*` (disabled when absent).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Default for ApiConfig {
@@ -96,6 +99,7 @@ impl Default for ApiConfig {
             listen: SocketAddr::from(([0, 0, 0, 0], 8081)),
             admin_socket: None,
             node_svid_ttl: HumanDuration::from_secs(3600),
+            metrics_listen: None,
         }
     }
 }

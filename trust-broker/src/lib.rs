@@ -6,6 +6,7 @@
 //! - [`config`]: the broker's layered configuration.
 //! - [`runtime`]: a running broker assembled from its configuration ([`runtime::Broker`]).
 //! - [`store`]: durable state in sled (CA set, serials, entries, join tokens, federation).
+//! - [`metrics`]: issuance and CA metrics.
 //! - [`model`]: federation relationships (SPIRE's field names), registration entries.
 //! - [`endpoint`]: the SPIFFE bundle endpoint (`https_spiffe` and `https_web` profiles).
 //! - [`federation`]: fetching and refreshing foreign bundles, keeping the last good one.
@@ -15,6 +16,7 @@ pub mod authority;
 pub mod config;
 pub mod endpoint;
 pub mod federation;
+pub mod metrics;
 pub mod model;
 pub mod runtime;
 pub mod store;

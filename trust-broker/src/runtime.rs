@@ -10,7 +10,7 @@ use std::time::Duration;
 use isthmus_api::broker::broker_admin_server::BrokerAdminServer;
 use isthmus_api::broker::issuance_server::IssuanceServer;
 use isthmus_api::transport::{ALPN_H2, tls_incoming};
-use isthmus_core::lifecycle::{DrainOutcome, DrainTrigger, DrainWatch};
+use isthmus_core::lifecycle::{DrainOutcome, DrainTrigger, DrainWatch, Readiness};
 use isthmus_core::telemetry::MetricsRegistry;
 use isthmus_core::tls::{AllowTrustDomains, MtlsSettings};
 use isthmus_core::{SpiffeId, SvidSource, TrustDomain, TrustStore};
@@ -26,6 +26,7 @@ use crate::authority::{Authority, AuthorityError, AuthorityOptions, RootStatus};
 use crate::config::{BrokerConfig, EndpointProfile};
 use crate::endpoint::{BundleEndpoint, EndpointIdentity, EndpointMetrics, bundle_endpoint_id};
 use crate::federation::{Federation, FederationContext, FederationMetrics, FetchSettings};
+use crate::metrics::BrokerMetrics;
 use crate::model::{FederatedTrustDomain, FederationStatus};
 use crate::store::{BrokerStore, StoreError};
 
@@ -96,6 +97,7 @@ pub struct Broker {
     api_addr: SocketAddr,
     admin_socket: PathBuf,
     configured: Vec<FederatedTrustDomain>,
+    metrics_addr: Option<SocketAddr>,
     drain: DrainTrigger,
     tasks: JoinSet<()>,
     metrics: Arc<std::sync::Mutex<MetricsRegistry>>,
@@ -224,6 +226,10 @@ impl Broker {
         let (drain, drain_watch) = DrainTrigger::new();
         let mut tasks = JoinSet::new();
         let mut registry = MetricsRegistry::new();
+        let broker_metrics = BrokerMetrics::register(&mut registry);
+        broker_metrics.observe(&authority);
+        let readiness = Readiness::default();
+        let starting = readiness.register("broker start");
 
         // Our own bundle follows the CA into the trust store.
         {
@@ -250,6 +256,7 @@ impl Broker {
         {
             let authority = authority.clone();
             let drain = drain_watch.clone();
+            let metrics = broker_metrics.clone();
             let period = (config.ca_ttl.get() / 100)
                 .min(config.rotation_activation_delay.get() / 4)
                 .clamp(Duration::from_secs(1), Duration::from_secs(60));
@@ -262,6 +269,7 @@ impl Broker {
                             if let Err(e) = authority.tick(OffsetDateTime::now_utc()) {
                                 tracing::error!(error = %e, "scheduled CA maintenance failed");
                             }
+                            metrics.observe(&authority);
                         }
                     }
                 }
@@ -372,6 +380,7 @@ impl Broker {
             trust.clone(),
             vec![Arc::new(JoinTokenAttestor::new(store.clone()))],
             config.api.node_svid_ttl.get(),
+            broker_metrics.clone(),
         );
         {
             let drain = drain_watch.clone();
@@ -398,11 +407,38 @@ impl Broker {
             api_addr,
             admin_socket: config.admin_socket(),
             configured: config.federation.clone(),
+            metrics_addr: None,
             drain,
             tasks,
             metrics: Arc::new(std::sync::Mutex::new(registry)),
         };
-        broker.serve_admin(drain_watch).await?;
+        broker.serve_admin(drain_watch.clone()).await?;
+        if let Some(listen) = config.api.metrics_listen {
+            let listener =
+                TcpListener::bind(listen)
+                    .await
+                    .map_err(|source| BrokerError::Listen {
+                        what: "metrics",
+                        address: listen.to_string(),
+                        source,
+                    })?;
+            broker.metrics_addr = listener.local_addr().ok();
+            let registry = broker.metrics.clone();
+            let text: isthmus_api::admin_http::MetricsText = Arc::new(move || {
+                registry
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .encode_text()
+                    .unwrap_or_default()
+            });
+            broker.tasks.spawn(isthmus_api::admin_http::serve(
+                listener,
+                text,
+                readiness.clone(),
+                drain_watch,
+            ));
+        }
+        drop(starting);
         tracing::info!(
             trust_domain = %broker.trust_domain,
             bundle_endpoint = %broker.bundle_endpoint_addr,
@@ -510,6 +546,11 @@ impl Broker {
     /// The admin socket.
     pub fn admin_socket(&self) -> &std::path::Path {
         &self.admin_socket
+    }
+
+    /// Where `/metrics` and `/healthz/*` are served, if enabled.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// The broker's metrics in OpenMetrics text.
