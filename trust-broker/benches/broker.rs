@@ -170,9 +170,18 @@ mod signing {
         let td = TrustDomain::new("bench.example")?;
         let id = SpiffeId::parse("spiffe://bench.example/ns/bench/sa/workload")?;
         let requests = Arc::new(requests()?);
-        let ca = Arc::new(CertificateAuthority::generate(td.clone(), now, DEFAULT_CA_TTL)?);
+        let ca = Arc::new(CertificateAuthority::generate(
+            td.clone(),
+            now,
+            DEFAULT_CA_TTL,
+        )?);
         let store = Arc::new(BrokerStore::open(&dir.0)?);
-        let authority = Arc::new(Authority::open(td, store, AuthorityOptions::default(), now)?);
+        let authority = Arc::new(Authority::open(
+            td,
+            store,
+            AuthorityOptions::default(),
+            now,
+        )?);
         // A message the size of a leaf's to-be-signed part.
         let message = ca.sign_leaf(&id, &requests.keys[0], DEFAULT_LEAF_TTL, now)?;
         let raw_key = Arc::new(KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?);
@@ -217,16 +226,16 @@ mod signing {
                 let sign_leaf = sign_leaf.clone();
                 Box::new(move |i| sign_leaf(i))
             }),
-            variant(
-                "core CertificateAuthority::sign_csr",
-                1,
-                Box::new(core_csr),
-            ),
+            variant("core CertificateAuthority::sign_csr", 1, Box::new(core_csr)),
             variant("broker Authority::sign_csr (store)", 1, {
                 let broker = broker.clone();
                 Box::new(move |i| broker(i))
             }),
-            variant("raw ECDSA P-256 sign (rcgen/ring)", 2, Box::new(move |i| raw(i))),
+            variant(
+                "raw ECDSA P-256 sign (rcgen/ring)",
+                2,
+                Box::new(move |i| raw(i)),
+            ),
             variant(
                 "core CertificateAuthority::sign_leaf",
                 2,
@@ -298,7 +307,9 @@ mod signing {
         println!();
         println!("SVIDs signed per second (median of rounds; P-256 CA, 1 h leaves)");
         println!();
-        println!("| Path | Threads | Signatures/s | Range over rounds | µs per signature per thread | vs sign_leaf |");
+        println!(
+            "| Path | Threads | Signatures/s | Range over rounds | µs per signature per thread | vs sign_leaf |"
+        );
         println!("|---|---:|---:|---:|---:|---:|");
         let baseline = |threads| {
             results
@@ -461,9 +472,8 @@ mod http_bench {
             rx,
             metrics.clone(),
         )?;
-        let acceptor = TlsAcceptor::from(Arc::new(server_config(EndpointIdentity::Spiffe(
-            source,
-        ))?));
+        let acceptor =
+            TlsAcceptor::from(Arc::new(server_config(EndpointIdentity::Spiffe(source))?));
         let bind = || runtime.block_on(TcpListener::bind("127.0.0.1:0"));
         let (endpoint_listener, tls_listener, plain_listener) = (bind()?, bind()?, bind()?);
         let endpoint_addr = endpoint_listener.local_addr()?;

@@ -765,14 +765,15 @@ fn parse_relationship(
             reason: e.to_string(),
         })?;
     check_https_url(&url, text)?;
-    let bootstrap_td = relationship.bootstrap_trust_domain();
+    // As SPIRE's ClusterFederatedTrustDomain: the initial bundle of the federated domain.
+    let td = &relationship.trust_domain;
     let configured = relationship
         .trust_domain_bundle
         .as_deref()
         .map(|json| {
-            Bundle::parse_json(bootstrap_td.clone(), json.as_bytes()).map_err(|error| {
+            Bundle::parse_json(td.clone(), json.as_bytes()).map_err(|error| {
                 FederationError::BadBootstrapBundle {
-                    trust_domain: bootstrap_td.clone(),
+                    trust_domain: td.clone(),
                     error,
                 }
             })
@@ -836,9 +837,6 @@ pub struct BundleFetcher {
     ctx: FederationContext,
     /// The bundle of the federated domain we hold (and publish), if any.
     held: Option<Bundle>,
-    /// The configured bundle of a non-self-serving endpoint's trust domain, used to
-    /// authenticate the endpoint while the trust store holds none for that domain.
-    endpoint_bootstrap: Option<Bundle>,
     /// `https_web` only: built once from the configured roots.
     web_tls: Option<Arc<ClientConfig>>,
 }
@@ -852,29 +850,21 @@ impl BundleFetcher {
     ) -> Result<Self, FederationError> {
         let td = relationship.trust_domain.clone();
         let (url, configured) = parse_relationship(&relationship)?;
-        let bootstrap_td = relationship.bootstrap_trust_domain();
         let store_err = |source| FederationError::Store {
             trust_domain: td.clone(),
             source,
         };
-        let self_bootstrapping = bootstrap_td == td;
-        let (held, fetched_at, endpoint_bootstrap, origin) =
-            match ctx.store.load_federated(&td).map_err(store_err)? {
-                Some(stored) => (
-                    Some(stored.bundle),
-                    Some(stored.fetched_at),
-                    configured.filter(|_| !self_bootstrapping),
-                    "store",
-                ),
-                None => match configured {
-                    Some(bundle) if self_bootstrapping => {
-                        let now = OffsetDateTime::now_utc();
-                        ctx.store.save_federated(&bundle, now).map_err(store_err)?;
-                        (Some(bundle), Some(now), None, "configuration")
-                    }
-                    other => (None, None, other, "none"),
-                },
-            };
+        let (held, fetched_at, origin) = match ctx.store.load_federated(&td).map_err(store_err)? {
+            Some(stored) => (Some(stored.bundle), Some(stored.fetched_at), "store"),
+            None => match configured {
+                Some(bundle) => {
+                    let now = OffsetDateTime::now_utc();
+                    ctx.store.save_federated(&bundle, now).map_err(store_err)?;
+                    (Some(bundle), Some(now), "configuration")
+                }
+                None => (None, None, "none"),
+            },
+        };
         let web_tls = match relationship.bundle_endpoint_profile {
             BundleEndpointProfile::HttpsWeb => {
                 Some(web_client_config(ctx.settings.web_roots.clone())?)
@@ -909,7 +899,6 @@ impl BundleFetcher {
             url,
             ctx,
             held,
-            endpoint_bootstrap,
             web_tls,
         })
     }
@@ -956,11 +945,7 @@ impl BundleFetcher {
                 let bundle = if endpoint_td == self.relationship.trust_domain {
                     self.held.clone()
                 } else {
-                    self.ctx
-                        .trust
-                        .get(&endpoint_td)
-                        .map(|b| Bundle::clone(&b))
-                        .or_else(|| self.endpoint_bootstrap.clone())
+                    self.ctx.trust.get(&endpoint_td).map(|b| Bundle::clone(&b))
                 };
                 let bundle = bundle.ok_or_else(|| FederationError::NoEndpointBundle {
                     trust_domain: endpoint_td,

@@ -57,8 +57,9 @@ pub struct FederatedTrustDomain {
     /// The endpoint profile.
     #[serde(rename = "bundleEndpointProfile")]
     pub bundle_endpoint_profile: BundleEndpointProfile,
-    /// The initial bundle of the endpoint's trust domain (SPIFFE bundle JSON), required to
-    /// bootstrap a self-serving `https_spiffe` endpoint.
+    /// The initial bundle of the federated trust domain (SPIFFE bundle JSON), as in SPIRE. A
+    /// self-serving `https_spiffe` endpoint needs it to be authenticated on the first fetch; a
+    /// non-self-serving one is authenticated with the bundle held for its own trust domain.
     #[serde(
         rename = "trustDomainBundle",
         default,
@@ -102,24 +103,13 @@ impl FederatedTrustDomain {
             Some(_) => {}
         }
         if let Some(json) = &self.trust_domain_bundle {
-            let td = self.bootstrap_trust_domain();
+            let td = self.trust_domain.clone();
             isthmus_core::Bundle::parse_json(td, json.as_bytes()).map_err(|e| ModelError {
                 field: "trustDomainBundle",
                 message: e.to_string(),
             })?;
         }
         Ok(())
-    }
-
-    /// The trust domain whose bundle authenticates the endpoint: the endpoint ID's domain for
-    /// `https_spiffe`, else the federated domain itself.
-    pub fn bootstrap_trust_domain(&self) -> TrustDomain {
-        match &self.bundle_endpoint_profile {
-            BundleEndpointProfile::HttpsSpiffe { endpoint_spiffe_id } => {
-                endpoint_spiffe_id.trust_domain()
-            }
-            BundleEndpointProfile::HttpsWeb => self.trust_domain.clone(),
-        }
     }
 }
 
@@ -237,7 +227,7 @@ mod tests {
             r#"{"trustDomain":"east.example","bundleEndpointURL":"https://b.example/","bundleEndpointProfile":{"type":"https_web"}}"#,
         )
         .unwrap();
-        assert_eq!(web.bootstrap_trust_domain().name(), "east.example");
+        assert_eq!(web.bundle_endpoint_profile.name(), "https_web");
     }
 
     #[test]
