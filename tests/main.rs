@@ -11,5 +11,6 @@ mod support;
 mod broker;
 mod broker_durability;
 mod federation;
+mod gateway;
 mod mtls;
 mod spiffe_vectors;

@@ -3,10 +3,14 @@
 //!
 //! - [`broker`]: the `isthmus.broker.v1` messages, clients and servers.
 //! - [`admin_http`]: `/metrics` and `/healthz/*` over plain HTTP.
+//! - [`tunnel`]: the `isthmus/1` stream header codec between clients and gateways.
+//! - [`tunnel_client`]: the pooled QUIC client that opens tunnels through gateways.
 //! - [`transport`]: SPIFFE-mTLS incoming connections and channels for tonic.
 
 pub mod admin_http;
 pub mod transport;
+pub mod tunnel;
+pub mod tunnel_client;
 
 /// `isthmus.broker.v1`: issuance, distribution and administration of the trust broker.
 pub mod broker {

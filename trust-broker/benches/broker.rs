@@ -8,7 +8,7 @@
 //!    TLS connection (as federation fetchers poll), against a minimal hyper server with the
 //!    same TLS configuration and against plain HTTP.
 //!
-//! Run `cargo bench -p isthmus-trust-broker --bench broker` (about 50 s), or add `-- --quick`
+//! Run `cargo bench -p isthmus-trust-broker --bench broker` (about 50 s once built), or add `-- --quick`
 //! for a smoke run. Results and how to read them: `docs/benchmarks.md`.
 
 use std::convert::Infallible;
@@ -46,6 +46,9 @@ type BenchResult<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 const CSR_COUNT: usize = 256;
 /// Concurrent HTTP clients.
 const CLIENTS: usize = 16;
+/// Thread names of the server and client runtimes, to tell their CPU time apart.
+const SERVER_THREADS: &str = "bench-server";
+const CLIENT_THREADS: &str = "bench-client";
 
 /// How long and how often each figure is sampled.
 struct Plan {
@@ -68,7 +71,7 @@ impl Plan {
             Self {
                 rounds: 3,
                 sign_sample: Duration::from_millis(800),
-                http_sample: Duration::from_millis(1500),
+                http_sample: Duration::from_millis(1200),
             }
         }
     }
@@ -85,6 +88,9 @@ struct Samples {
     rates: Vec<f64>,
     /// Per-request latencies in microseconds, pooled over rounds (HTTP only).
     latencies_us: Vec<u32>,
+    /// CPU time of the server and of the client threads inside the measured windows, pooled
+    /// over rounds (HTTP only; `None` when `/proc` cannot be read).
+    cpu_ns: Option<(u64, u64)>,
 }
 
 impl Samples {
@@ -100,12 +106,65 @@ impl Samples {
         (min, max)
     }
 
+    /// Server and client CPU microseconds per request.
+    fn cpu_per_request_us(&self) -> Option<(f64, f64)> {
+        let requests = self.latencies_us.len().max(1) as f64;
+        self.cpu_ns.map(|(server, client)| {
+            (
+                server as f64 / requests / 1e3,
+                client as f64 / requests / 1e3,
+            )
+        })
+    }
+
     fn percentile_us(&mut self, p: f64) -> u32 {
         self.latencies_us.sort_unstable();
         let last = self.latencies_us.len().saturating_sub(1);
         let index = ((last as f64) * p).round() as usize;
         self.latencies_us.get(index).copied().unwrap_or(0)
     }
+}
+
+/// CPU time (ns) run so far by this process's threads whose name starts with `prefix`, from
+/// `/proc/self/task/*/schedstat`; `None` where that is unavailable.
+fn thread_cpu_ns(prefix: &str) -> Option<u64> {
+    let mut total = 0;
+    for task in std::fs::read_dir("/proc/self/task").ok()? {
+        let path = task.ok()?.path();
+        // A thread may exit between listing and reading: skip it.
+        let Ok(name) = std::fs::read_to_string(path.join("comm")) else {
+            continue;
+        };
+        if !name.starts_with(prefix) {
+            continue;
+        }
+        let Ok(stat) = std::fs::read_to_string(path.join("schedstat")) else {
+            continue;
+        };
+        total += stat.split_whitespace().next()?.parse::<u64>().ok()?;
+    }
+    Some(total)
+}
+
+/// Server and client CPU time so far (see [`thread_cpu_ns`]).
+fn cpu_snapshot() -> Option<(u64, u64)> {
+    Some((
+        thread_cpu_ns(SERVER_THREADS)?,
+        thread_cpu_ns(CLIENT_THREADS)?,
+    ))
+}
+
+/// The first three fields of `/proc/loadavg`.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg").map_or_else(
+        |_| "n/a".to_owned(),
+        |text| {
+            text.split_whitespace()
+                .take(3)
+                .collect::<Vec<_>>()
+                .join(" ")
+        },
+    )
 }
 
 fn main() -> BenchResult<()> {
@@ -115,10 +174,16 @@ fn main() -> BenchResult<()> {
         "isthmus trust broker benchmark: {} round(s), {} cores visible",
         plan.rounds, cores
     );
+    let load_before = load_average();
     let signing = signing::run(&plan)?;
     let http = http_bench::run(&plan)?;
     signing::print(signing);
     http_bench::print(http);
+    // Other work on the machine skews every figure; the load shows how much there was.
+    println!(
+        "load average (1/5/15 min) before: {load_before}; after: {}",
+        load_average()
+    );
     Ok(())
 }
 
@@ -198,6 +263,18 @@ mod signing {
                 Ok(())
             }
         };
+        // What a CSR costs before any signing: parse and check its signature (proof of
+        // possession of the key).
+        let csr_check = {
+            let requests = requests.clone();
+            move |i: usize| -> BenchResult<()> {
+                let der = requests.csrs[i % CSR_COUNT].as_slice();
+                rcgen::CertificateSigningRequestParams::from_der(
+                    &CertificateSigningRequestDer::from(der),
+                )?;
+                Ok(())
+            }
+        };
         let core_csr = {
             let (ca, id, requests) = (ca.clone(), id.clone(), requests.clone());
             move |i: usize| -> BenchResult<()> {
@@ -222,6 +299,11 @@ mod signing {
                 let raw = raw.clone();
                 Box::new(move |i| raw(i))
             }),
+            variant(
+                "CSR parse + signature check only (rcgen)",
+                1,
+                Box::new(csr_check),
+            ),
             variant("core CertificateAuthority::sign_leaf", 1, {
                 let sign_leaf = sign_leaf.clone();
                 Box::new(move |i| sign_leaf(i))
@@ -308,7 +390,7 @@ mod signing {
         println!("SVIDs signed per second (median of rounds; P-256 CA, 1 h leaves)");
         println!();
         println!(
-            "| Path | Threads | Signatures/s | Range over rounds | µs per signature per thread | vs sign_leaf |"
+            "| Path | Threads | Signatures/s | Range over rounds | µs per op per thread | vs sign_leaf |"
         );
         println!("|---|---:|---:|---:|---:|---:|");
         let baseline = |threads| {
@@ -460,7 +542,7 @@ mod http_bench {
     fn start_servers() -> BenchResult<Servers> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
-            .thread_name("bench-server")
+            .thread_name(SERVER_THREADS)
             .enable_all()
             .build()?;
         let (bundle, source, endpoint_id) = identity()?;
@@ -607,7 +689,7 @@ mod http_bench {
         scenario: &Scenario,
         sample: Duration,
         expected: &Bytes,
-    ) -> BenchResult<(f64, Vec<u32>)> {
+    ) -> BenchResult<(f64, Vec<u32>, Option<(u64, u64)>)> {
         let measure_from = Instant::now() + Plan::warmup(sample);
         let window = (measure_from, measure_from + sample);
         let mut clients = JoinSet::new();
@@ -619,11 +701,22 @@ mod http_bench {
                 expected.clone(),
             ));
         }
+        tokio::time::sleep_until(window.0.into()).await;
+        let before = cpu_snapshot();
+        tokio::time::sleep_until(window.1.into()).await;
+        let after = cpu_snapshot();
+        let cpu = before
+            .zip(after)
+            .map(|((s0, c0), (s1, c1))| (s1.saturating_sub(s0), c1.saturating_sub(c0)));
         let mut latencies = Vec::new();
         while let Some(joined) = clients.join_next().await {
             latencies.extend(joined??);
         }
-        Ok((latencies.len() as f64 / sample.as_secs_f64(), latencies))
+        Ok((
+            latencies.len() as f64 / sample.as_secs_f64(),
+            latencies,
+            cpu,
+        ))
     }
 
     pub(super) struct HttpResults {
@@ -638,7 +731,7 @@ mod http_bench {
         let servers = start_servers()?;
         let clients = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
-            .thread_name("bench-client")
+            .thread_name(CLIENT_THREADS)
             .enable_all()
             .build()?;
         let mut samples: Vec<Samples> = servers
@@ -649,10 +742,15 @@ mod http_bench {
         for round in 0..plan.rounds {
             eprintln!("bundle endpoint: round {}/{}", round + 1, plan.rounds);
             for (scenario, samples) in servers.scenarios.iter().zip(&mut samples) {
-                let (rate, latencies) =
+                let (rate, latencies, cpu) =
                     clients.block_on(measure(scenario, plan.http_sample, &servers.body))?;
                 samples.rates.push(rate);
                 samples.latencies_us.extend(latencies);
+                samples.cpu_ns = match (round, samples.cpu_ns, cpu) {
+                    (0, _, cpu) => cpu,
+                    (_, Some((s0, c0)), Some((s1, c1))) => Some((s0 + s1, c0 + c1)),
+                    _ => None,
+                };
             }
         }
         clients.shutdown_timeout(Duration::from_secs(2));
@@ -693,8 +791,11 @@ mod http_bench {
             results.body_len
         );
         println!();
-        println!("| Server | Mode | Requests/s | Range over rounds | p50 | p99 | vs hyper+TLS |");
-        println!("|---|---|---:|---:|---:|---:|---:|");
+        println!(
+            "| Server | Mode | Requests/s | Range over rounds | p50 | p99 | vs hyper+TLS \
+             | Server CPU µs/req | Client CPU µs/req |"
+        );
+        println!("|---|---|---:|---:|---:|---:|---:|---:|---:|");
         let baselines: Vec<(Mode, f64)> = results
             .rows
             .iter()
@@ -708,8 +809,13 @@ mod http_bench {
                 .iter()
                 .find(|(m, _)| m == mode)
                 .map_or(f64::NAN, |(_, rate)| *rate);
+            let (server_cpu, client_cpu) = samples.cpu_per_request_us().map_or_else(
+                || ("n/a".to_owned(), "n/a".to_owned()),
+                |(server, client)| (format!("{server:.1}"), format!("{client:.1}")),
+            );
             println!(
-                "| {server} | {} | {median:.0} | {min:.0}–{max:.0} | {} µs | {} µs | {:.2}× |",
+                "| {server} | {} | {median:.0} | {min:.0}–{max:.0} | {} µs | {} µs | {:.2}× \
+                 | {server_cpu} | {client_cpu} |",
                 mode.label(),
                 samples.percentile_us(0.50),
                 samples.percentile_us(0.99),

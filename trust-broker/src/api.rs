@@ -271,6 +271,13 @@ impl Issuance for IssuanceService {
                 Status::invalid_argument(format!("unknown attestor {:?}", req.attestor))
             })?;
         let now = OffsetDateTime::now_utc();
+        // Check the CSR before the evidence: a bad request must not burn a one-time token.
+        if let Err(e) = rcgen::CertificateSigningRequestParams::from_der(
+            &rustls_pki_types::CertificateSigningRequestDer::from(req.csr.as_slice()),
+        ) {
+            self.metrics.denied("bad_csr");
+            return Err(Status::invalid_argument(format!("invalid CSR: {e}")));
+        }
         let result = attestor.attest(&req.evidence, now);
         let label = |result: &'static str| AttestLabels {
             attestor: attestor.name().to_owned(),

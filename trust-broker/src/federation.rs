@@ -145,7 +145,7 @@ pub enum FederationError {
     /// be authenticated.
     #[error(
         "no bundle of {trust_domain} is held to authenticate bundle endpoint {endpoint_id}; \
-         configure trustDomainBundle"
+         federate with {trust_domain} first (or, for a self-serving endpoint, set trustDomainBundle)"
     )]
     NoEndpointBundle {
         /// The endpoint ID's trust domain.

@@ -14,7 +14,7 @@ use crate::store::CaStatus;
 /// Labels of issued SVIDs.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct IssueLabels {
-    /// `node`, `workload` or `own` (the broker's own SVIDs).
+    /// `node` or `workload`.
     pub kind: &'static str,
 }
 

@@ -113,12 +113,15 @@ impl std::fmt::Debug for Broker {
     }
 }
 
-/// Keeps `source` holding a fresh SVID for `id`: renews at half-life and whenever the signing
-/// root changes.
+/// Keeps `source` holding a fresh SVID for `id`: renews at half-life, and also whenever the
+/// signing root changes if `follow_root` is set. The bundle endpoint does not follow the root:
+/// peers authenticate it with the bundle they last fetched, so its SVID must stay on a root
+/// they already hold (the old root stays published until its leaves expire).
 async fn maintain_svid(
     authority: Arc<Authority>,
     id: SpiffeId,
     source: SvidSource,
+    follow_root: bool,
     drain: DrainWatch,
 ) {
     let mut changes = authority.subscribe();
@@ -135,7 +138,7 @@ async fn maintain_svid(
                     return;
                 }
                 let current = authority.signing_root_generation();
-                if current == generation {
+                if !follow_root || current == generation {
                     continue;
                 }
                 generation = current;
@@ -287,6 +290,7 @@ impl Broker {
                     authority.clone(),
                     id,
                     source.clone(),
+                    false,
                     drain_watch.clone(),
                 ));
                 EndpointIdentity::Spiffe(source)
@@ -350,6 +354,7 @@ impl Broker {
             authority.clone(),
             broker_id,
             api_source.clone(),
+            true,
             drain_watch.clone(),
         ));
         let tls = isthmus_core::tls::server_config_optional_client(&MtlsSettings {

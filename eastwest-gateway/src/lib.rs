@@ -1,0 +1,16 @@
+//! The Isthmus east-west gateway: the only way into a cluster from another.
+//!
+//! Peers (node agents of other clusters, tunnelling for their workloads) connect over QUIC with
+//! mutual TLS using their workloads' own SVIDs; each bidirectional stream carries one TCP
+//! connection to an exported service, announced by an `isthmus/1` header
+//! ([`isthmus_api::tunnel`]).
+//!
+//! - [`server`]: the QUIC front end and lifecycle ([`server::Gateway`]).
+//! - [`dispatch`]: service lookup, authorization, limits and endpoint selection.
+//! - [`config`]: the gateway's configuration and exported services.
+//! - [`metrics`]: the `isthmus_gateway_*` metrics.
+
+pub mod config;
+pub mod dispatch;
+pub mod metrics;
+pub mod server;

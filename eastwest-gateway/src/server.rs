@@ -1,0 +1,441 @@
+//! The QUIC front end: mTLS with the core verifiers (peers from our own or a federated trust
+//! domain), one tunnelled TCP connection per bidirectional stream, graceful drain.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use isthmus_api::tunnel::{
+    self, MAX_REQUEST_HEADER, ReadError, ResultCode, StreamResponse, decode_request,
+    encode_response,
+};
+use isthmus_core::lifecycle::{DrainOutcome, DrainTrigger, DrainWatch};
+use isthmus_core::telemetry::MetricsRegistry;
+use isthmus_core::tls::{AllowTrustDomains, MtlsSettings, RejectionObserver};
+use isthmus_core::{SpiffeId, SvidSource, TrustDomain, TrustStore};
+use rustls_pki_types::CertificateDer;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::task::JoinSet;
+
+use crate::config::{GatewayConfig, LimitsConfig};
+use crate::dispatch::{Backend, Dispatcher, Refusal};
+use crate::metrics::{BytesLabels, GatewayMetrics, PeerLabels};
+
+/// QUIC application error code: the gateway is shutting down.
+pub const CLOSE_DRAINED: u32 = 0x1;
+/// QUIC stream error code: the other side of the tunnelled connection reset it.
+pub const RESET_PEER: u32 = 0x2;
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    /// The configuration is incomplete.
+    #[error("configuration: {0}")]
+    Config(#[from] isthmus_core::config::ConfigError),
+    /// TLS material is unusable.
+    #[error("TLS: {0}")]
+    Tls(String),
+    /// A listener could not be bound.
+    #[error("cannot listen on {address}: {source}")]
+    Listen {
+        /// The address.
+        address: SocketAddr,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+}
+
+/// The gateway's identity: its SVID and the bundles it trusts (own and federated).
+#[derive(Debug, Clone)]
+pub struct GatewayIdentity {
+    /// The gateway SVID, rotated in place.
+    pub svid: SvidSource,
+    /// Trusted bundles, updated in place.
+    pub trust: TrustStore,
+}
+
+/// The peer of a verified connection.
+fn peer_id(conn: &quinn::Connection) -> Option<SpiffeId> {
+    let identity = conn.peer_identity()?;
+    let certs = identity.downcast::<Vec<CertificateDer<'static>>>().ok()?;
+    isthmus_core::tls::peer_id(&certs)
+}
+
+fn transport_config(limits: &LimitsConfig) -> Result<quinn::TransportConfig, GatewayError> {
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .max_concurrent_bidi_streams(limits.max_streams_per_connection.into())
+        .max_concurrent_uni_streams(0u32.into())
+        .stream_receive_window(limits.stream_window.into())
+        .receive_window(limits.connection_window.into())
+        .send_window(u64::from(limits.connection_window))
+        .max_idle_timeout(Some(
+            limits
+                .idle_timeout
+                .get()
+                .try_into()
+                .map_err(|_| GatewayError::Tls("idle_timeout too large".into()))?,
+        ));
+    Ok(transport)
+}
+
+/// The shared TLS and QUIC server configuration of both front ends.
+pub(crate) fn tls_server_config(
+    own: &TrustDomain,
+    federated: &[TrustDomain],
+    identity: &GatewayIdentity,
+    alpn: Vec<Vec<u8>>,
+    metrics: &GatewayMetrics,
+) -> Result<rustls::ServerConfig, GatewayError> {
+    let mut allowed = vec![own.clone()];
+    allowed.extend(federated.iter().cloned());
+    let failures = metrics.clone();
+    let observer: RejectionObserver = Arc::new(move |e| failures.handshake_failed(e.reason()));
+    isthmus_core::tls::server_config(&MtlsSettings {
+        svid: identity.svid.clone(),
+        trust: identity.trust.clone(),
+        authorizer: Arc::new(AllowTrustDomains(allowed)),
+        alpn,
+        observer: Some(observer),
+    })
+    .map_err(|e| GatewayError::Tls(e.to_string()))
+}
+
+/// A running gateway.
+pub struct Gateway {
+    endpoint: quinn::Endpoint,
+    addr: SocketAddr,
+    dispatcher: Dispatcher,
+    drain: DrainTrigger,
+    tasks: JoinSet<()>,
+    registry: Arc<std::sync::Mutex<MetricsRegistry>>,
+}
+
+impl std::fmt::Debug for Gateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gateway")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Gateway {
+    /// Binds QUIC (UDP) and the HTTP/2 fallback (TCP) on `config.listen` and starts serving.
+    pub async fn start(
+        config: &GatewayConfig,
+        identity: GatewayIdentity,
+    ) -> Result<Self, GatewayError> {
+        let own = config.trust_domain()?.clone();
+        let mut registry = MetricsRegistry::new();
+        let metrics = GatewayMetrics::register(&mut registry);
+        let dispatcher = Dispatcher::new(
+            config.cluster.clone(),
+            &config.services,
+            config.limits.clone(),
+            metrics.clone(),
+        );
+        let tls = tls_server_config(
+            &own,
+            &config.federated_trust_domains,
+            &identity,
+            vec![tunnel::ALPN.to_vec()],
+            &metrics,
+        )?;
+        let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+            .map_err(|e| GatewayError::Tls(e.to_string()))?;
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        server.transport_config(Arc::new(transport_config(&config.limits)?));
+        let endpoint = quinn::Endpoint::server(server, config.listen).map_err(|source| {
+            GatewayError::Listen {
+                address: config.listen,
+                source,
+            }
+        })?;
+        let addr = endpoint
+            .local_addr()
+            .map_err(|source| GatewayError::Listen {
+                address: config.listen,
+                source,
+            })?;
+        let (drain, watch) = DrainTrigger::new();
+        let mut tasks = JoinSet::new();
+        tasks.spawn(accept_loop(
+            endpoint.clone(),
+            dispatcher.clone(),
+            config.limits.clone(),
+            watch,
+        ));
+        tracing::info!(address = %addr, trust_domain = %own, cluster = %config.cluster, "gateway listening (QUIC)");
+        Ok(Self {
+            endpoint,
+            addr,
+            dispatcher,
+            drain,
+            tasks,
+            registry: Arc::new(std::sync::Mutex::new(registry)),
+        })
+    }
+
+    /// The bound address (UDP for QUIC).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The dispatcher (service table, limits, metrics).
+    pub fn dispatcher(&self) -> &Dispatcher {
+        &self.dispatcher
+    }
+
+    /// Metrics text.
+    pub fn metrics_text(&self) -> String {
+        self.registry
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .encode_text()
+            .unwrap_or_default()
+    }
+
+    /// Graceful shutdown: stop accepting connections and streams, let streams in flight finish
+    /// until `deadline`, then close every connection with [`CLOSE_DRAINED`].
+    pub async fn shutdown(mut self, deadline: Duration) -> DrainOutcome {
+        self.endpoint.set_server_config(None);
+        self.dispatcher.start_draining();
+        // The accept loop stops at once; streams in flight get until the deadline.
+        let _ = self.drain.drain(Duration::from_secs(1)).await;
+        let outcome = match self.dispatcher.wait_idle(deadline).await {
+            0 => DrainOutcome::Complete,
+            remaining => DrainOutcome::DeadlineExceeded { remaining },
+        };
+        self.endpoint
+            .close(CLOSE_DRAINED.into(), b"gateway shutting down");
+        self.tasks.abort_all();
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+        outcome
+    }
+}
+
+async fn accept_loop(
+    endpoint: quinn::Endpoint,
+    dispatcher: Dispatcher,
+    limits: LimitsConfig,
+    drain: DrainWatch,
+) {
+    loop {
+        let incoming = tokio::select! {
+            () = drain.signaled() => return,
+            incoming = endpoint.accept() => match incoming {
+                Some(incoming) => incoming,
+                None => return,
+            },
+        };
+        let (dispatcher, limits) = (dispatcher.clone(), limits.clone());
+        tokio::spawn(async move {
+            let conn = match incoming.await {
+                Ok(conn) => conn,
+                Err(e) => {
+                    tracing::debug!(error = %e, "QUIC handshake failed");
+                    return;
+                }
+            };
+            serve_connection(conn, dispatcher, limits).await;
+        });
+    }
+}
+
+/// Serves the streams of one connection. It keeps accepting streams while draining (the
+/// dispatcher refuses them with a typed answer); the drain waits for streams, not connections.
+async fn serve_connection(conn: quinn::Connection, dispatcher: Dispatcher, limits: LimitsConfig) {
+    let Some(peer) = peer_id(&conn) else {
+        conn.close(0u32.into(), b"no SPIFFE ID");
+        return;
+    };
+    let metrics = dispatcher.metrics().clone();
+    metrics
+        .connections
+        .get_or_create(&PeerLabels {
+            trust_domain: peer.trust_domain_name().to_owned(),
+        })
+        .inc();
+    metrics.active_connections.inc();
+    tracing::debug!(peer = %peer, remote = %conn.remote_address(), "connection accepted");
+    loop {
+        let (send, recv) = match conn.accept_bi().await {
+            Ok(stream) => stream,
+            Err(e) => {
+                tracing::debug!(peer = %peer, reason = %e, "connection ended");
+                break;
+            }
+        };
+        let (dispatcher, limits, peer) = (dispatcher.clone(), limits.clone(), peer.clone());
+        tokio::spawn(async move {
+            serve_stream(send, recv, &dispatcher, &limits, &peer).await;
+        });
+    }
+    metrics.active_connections.dec();
+}
+
+async fn respond(send: &mut quinn::SendStream, response: &StreamResponse) -> bool {
+    send.write_all(&encode_response(response)).await.is_ok()
+}
+
+async fn refuse(send: &mut quinn::SendStream, refusal: &Refusal) {
+    let _ = respond(
+        send,
+        &StreamResponse {
+            code: refusal.code,
+            message: refusal.message.clone(),
+        },
+    )
+    .await;
+    let _ = send.finish();
+}
+
+async fn serve_stream(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    dispatcher: &Dispatcher,
+    limits: &LimitsConfig,
+    peer: &SpiffeId,
+) {
+    let td = peer.trust_domain_name();
+    let metrics = dispatcher.metrics();
+    let header = tokio::time::timeout(
+        limits.header_timeout.get(),
+        tunnel::read_header(&mut recv, MAX_REQUEST_HEADER, decode_request),
+    )
+    .await;
+    let request = match header {
+        Ok(Ok(request)) => request,
+        Ok(Err(ReadError::Header(e))) => {
+            metrics.stream(td, ResultCode::Malformed.label(), "quic");
+            refuse(
+                &mut send,
+                &Refusal {
+                    code: ResultCode::Malformed,
+                    message: e.to_string(),
+                },
+            )
+            .await;
+            return;
+        }
+        Ok(Err(ReadError::Io(_))) | Err(_) => {
+            metrics.stream(td, ResultCode::Malformed.label(), "quic");
+            let _ = send.reset(RESET_PEER.into());
+            return;
+        }
+    };
+    let backend = match dispatcher.open(peer, &request.target).await {
+        Ok(backend) => backend,
+        Err(refusal) => {
+            tracing::info!(peer = %peer, target = %request.target, request_id = request.request_id, result = refusal.code.label(), reason = %refusal.message, "stream refused");
+            metrics.stream(td, refusal.code.label(), "quic");
+            refuse(&mut send, &refusal).await;
+            return;
+        }
+    };
+    metrics.stream(td, ResultCode::Accepted.label(), "quic");
+    tracing::debug!(peer = %peer, target = %request.target, endpoint = %backend.endpoint, request_id = request.request_id, "stream accepted");
+    if !respond(
+        &mut send,
+        &StreamResponse {
+            code: ResultCode::Accepted,
+            message: String::new(),
+        },
+    )
+    .await
+    {
+        return;
+    }
+    splice(send, recv, backend, metrics).await;
+}
+
+/// Relays bytes both ways. Half-close maps to FIN in each direction; a reset on either side
+/// resets the other.
+async fn splice(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    backend: Backend,
+    metrics: &GatewayMetrics,
+) {
+    let Backend {
+        stream,
+        guard: _slots,
+        ..
+    } = backend;
+    let (mut from_backend, mut to_backend) = stream.into_split();
+    let to_backend_bytes = metrics
+        .bytes
+        .get_or_create(&BytesLabels {
+            direction: "to_backend",
+        })
+        .clone();
+    let to_client_bytes = metrics
+        .bytes
+        .get_or_create(&BytesLabels {
+            direction: "to_client",
+        })
+        .clone();
+
+    let upstream = async {
+        loop {
+            match recv.read_chunk(64 * 1024, true).await {
+                Ok(Some(chunk)) => {
+                    to_backend_bytes.inc_by(chunk.bytes.len() as u64);
+                    if to_backend.write_all(&chunk.bytes).await.is_err() {
+                        let _ = recv.stop(RESET_PEER.into());
+                        return false;
+                    }
+                }
+                // FIN from the client: half-close towards the backend.
+                Ok(None) => {
+                    let _ = to_backend.shutdown().await;
+                    return true;
+                }
+                // Reset by the client: reset the backend.
+                Err(_) => return false,
+            }
+        }
+    };
+    let downstream = async {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match from_backend.read(&mut buf).await {
+                Ok(0) => {
+                    let _ = send.finish();
+                    return true;
+                }
+                Ok(n) => {
+                    to_client_bytes.inc_by(n as u64);
+                    if send.write_all(&buf[..n]).await.is_err() {
+                        return false;
+                    }
+                }
+                Err(_) => {
+                    let _ = send.reset(RESET_PEER.into());
+                    return false;
+                }
+            }
+        }
+    };
+    let (up_ok, down_ok) = tokio::join!(upstream, downstream);
+    if !(up_ok && down_ok) {
+        // Abortive close: the backend sees a reset rather than a clean FIN.
+        let stream = from_backend.reunite(to_backend).ok();
+        if let Some(stream) = stream {
+            abort(&stream);
+        }
+        let _ = send.reset(RESET_PEER.into());
+    } else {
+        // Wait until the client has everything before the stream is dropped.
+        let _ = send.stopped().await;
+    }
+}
+
+/// Makes dropping `stream` send a TCP reset instead of a FIN.
+#[expect(
+    deprecated,
+    reason = "SO_LINGER with a zero timeout sends RST on close and never blocks the thread"
+)]
+fn abort(stream: &tokio::net::TcpStream) {
+    let _ = stream.set_linger(Some(Duration::ZERO));
+}
