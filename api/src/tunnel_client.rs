@@ -1,6 +1,13 @@
-//! The client side of the tunnel protocol, used by node agents and tests: a pool of QUIC
+//! The client side of the tunnel protocol, used by node agents and tests: a pool of
 //! connections to remote gateways for one local identity, one stream per tunnelled TCP
 //! connection.
+//!
+//! QUIC (`isthmus/1`) is the primary transport. When a gateway's QUIC handshake does not
+//! complete within [`TunnelClientOptions::handshake_timeout`] (UDP blocked on the path), the
+//! client falls back to TLS over TCP to the same address and port, ALPN `h2`, one HTTP/2
+//! connection per gateway carrying one `CONNECT` stream per tunnelled TCP connection
+//! (HBONE-style `:authority`, see [`connect_authority`]). It remembers the failure and goes
+//! straight to TCP for [`TunnelClientOptions::quic_retry_after`] before trying QUIC again.
 
 use std::collections::HashMap;
 use std::io;
@@ -10,8 +17,15 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper::client::conn::http2::SendRequest;
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use isthmus_core::tls::MtlsSettings;
+use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::time::Instant;
 
 use crate::tunnel::{
     self, HeaderError, ReadError, ResultCode, StreamRequest, Target, decode_response,

@@ -48,6 +48,18 @@ enum BrokerCommand {
     /// Federation relationships (SPIRE's ClusterFederatedTrustDomain fields).
     #[command(subcommand)]
     Federation(FederationCommand),
+    /// Issue an X509-SVID with a fresh key into files (standalone gateways, tests).
+    Mint {
+        /// The SPIFFE ID, in this trust domain.
+        #[arg(long)]
+        spiffe_id: String,
+        /// Lifetime, e.g. `24h` (at most the broker's max_leaf_ttl).
+        #[arg(long, value_parser = config::parse_duration)]
+        ttl: Option<Duration>,
+        /// Directory for svid.pem, svid.key (0600) and bundle.json.
+        #[arg(long)]
+        out_dir: PathBuf,
+    },
     /// Roots, sequence and federation health.
     Status {
         /// Output format.
@@ -405,6 +417,21 @@ async fn admin(command: BrokerCommand, socket: PathBuf) -> anyhow::Result<()> {
             }
             println!("federation with {trust_domain} removed");
         }
+        BrokerCommand::Mint {
+            spiffe_id,
+            ttl,
+            out_dir,
+        } => {
+            let minted = client
+                .mint_x509_svid(pb::MintX509SvidRequest {
+                    spiffe_id: spiffe_id.clone(),
+                    ttl_seconds: ttl.map_or(0, |t| t.as_secs()),
+                })
+                .await?
+                .into_inner();
+            write_minted(&out_dir, &minted)?;
+            println!("wrote {spiffe_id} to {}", out_dir.display());
+        }
         BrokerCommand::Status { output } => {
             let json = client.status(pb::StatusRequest {}).await?.into_inner().json;
             if output == Output::Json {
@@ -414,6 +441,22 @@ async fn admin(command: BrokerCommand, socket: PathBuf) -> anyhow::Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+fn write_minted(dir: &std::path::Path, minted: &pb::MintX509SvidResponse) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::write(dir.join("svid.pem"), &minted.cert_chain_pem)?;
+    std::fs::write(dir.join("bundle.json"), &minted.bundle_json)?;
+    let mut key = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(dir.join("svid.key"))?;
+    key.write_all(minted.key_pem.as_bytes())?;
     Ok(())
 }
 

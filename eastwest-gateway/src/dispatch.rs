@@ -476,3 +476,77 @@ impl Dispatcher {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn two_choices_prefer_the_less_loaded_endpoint() {
+        let set = EndpointSet::new([
+            "127.0.0.1:1".parse().unwrap(),
+            "127.0.0.1:2".parse().unwrap(),
+        ]);
+        set.endpoints[0].outstanding.store(5, Ordering::Relaxed);
+        let now = Instant::now();
+        for _ in 0..100 {
+            assert_eq!(set.pick(&[], now), Some(1));
+        }
+        assert_eq!(
+            set.pick(&[1], now),
+            Some(0),
+            "an untried endpoint is still chosen"
+        );
+        assert_eq!(set.pick(&[0, 1], now), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ejection_backs_off_and_expires() {
+        let set = EndpointSet::new(["127.0.0.1:1".parse().unwrap()]);
+        let e = &set.endpoints[0];
+        e.eject(Duration::from_secs(5), Instant::now());
+        assert!(e.is_ejected(Instant::now()));
+        assert_eq!(set.pick(&[], Instant::now()), None);
+        tokio::time::advance(Duration::from_secs(6)).await;
+        assert!(!e.is_ejected(Instant::now()));
+        // A second consecutive failure doubles the back-off.
+        e.eject(Duration::from_secs(5), Instant::now());
+        tokio::time::advance(Duration::from_secs(6)).await;
+        assert!(e.is_ejected(Instant::now()));
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert!(!e.is_ejected(Instant::now()));
+        e.succeeded();
+        assert_eq!(e.consecutive_failures.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn a_failed_connect_is_retried_on_another_endpoint() {
+        let live = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let dead = {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            l.local_addr().unwrap()
+        };
+        let set = EndpointSet::new([dead, live.local_addr().unwrap()]);
+        // Make the dead endpoint the first choice.
+        set.endpoints[1].outstanding.store(3, Ordering::Relaxed);
+        let (stream, guard) = set
+            .connect(Duration::from_secs(1), Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!(stream.peer_addr().unwrap(), live.local_addr().unwrap());
+        assert!(
+            set.endpoints[0].is_ejected(Instant::now()),
+            "the failing endpoint is ejected"
+        );
+        assert_eq!(set.endpoints[1].outstanding(), 4);
+        drop(guard);
+        assert_eq!(set.endpoints[1].outstanding(), 3);
+        // With every endpoint failing, the error names the last one tried.
+        let only_dead = EndpointSet::new([dead]);
+        let error = only_dead
+            .connect(Duration::from_secs(1), Duration::from_secs(5))
+            .await
+            .unwrap_err();
+        assert!(error.contains(&dead.to_string()), "{error}");
+    }
+}

@@ -7,10 +7,12 @@
 //!
 //! - [`server`]: the QUIC front end and lifecycle ([`server::Gateway`]).
 //! - [`dispatch`]: service lookup, authorization, limits and endpoint selection.
+//! - [`identity`]: the SVID and bundles from files, reloaded when they change.
 //! - [`config`]: the gateway's configuration and exported services.
 //! - [`metrics`]: the `isthmus_gateway_*` metrics.
 
 pub mod config;
 pub mod dispatch;
+pub mod identity;
 pub mod metrics;
 pub mod server;

@@ -186,6 +186,11 @@ impl Gateway {
         &self.dispatcher
     }
 
+    /// The metrics registry, for an admin HTTP endpoint.
+    pub fn metrics_registry(&self) -> Arc<std::sync::Mutex<MetricsRegistry>> {
+        self.registry.clone()
+    }
+
     /// Metrics text.
     pub fn metrics_text(&self) -> String {
         self.registry

@@ -630,6 +630,31 @@ impl BrokerAdmin for AdminService {
         }))
     }
 
+    async fn mint_x509_svid(
+        &self,
+        request: Request<pb::MintX509SvidRequest>,
+    ) -> Result<Response<pb::MintX509SvidResponse>, Status> {
+        let req = request.into_inner();
+        let id = SpiffeId::parse(&req.spiffe_id)
+            .map_err(|e| Status::invalid_argument(format!("spiffe_id: {e}")))?;
+        let ttl = (req.ttl_seconds > 0).then(|| Duration::from_secs(req.ttl_seconds));
+        let svid = self
+            .authority
+            .issue_svid(&id, ttl, OffsetDateTime::now_utc())
+            .map_err(|e| match e {
+                AuthorityError::Ca(e @ isthmus_core::ca::CaError::BadId { .. }) => {
+                    Status::invalid_argument(e.to_string())
+                }
+                other => authority_status(other),
+            })?;
+        tracing::info!(spiffe_id = %id, "minted X509-SVID");
+        Ok(Response::new(pb::MintX509SvidResponse {
+            cert_chain_pem: isthmus_core::x509::certs_to_pem(svid.chain()),
+            key_pem: pkcs8_pem(svid.key().secret_pkcs8_der()),
+            bundle_json: self.authority.bundle().to_json().map_err(internal)?,
+        }))
+    }
+
     async fn show_bundle(
         &self,
         request: Request<pb::ShowBundleRequest>,
@@ -646,4 +671,16 @@ impl BrokerAdmin for AdminService {
         };
         Ok(Response::new(pb::ShowBundleResponse { document }))
     }
+}
+
+fn pkcs8_pem(der: &[u8]) -> String {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut out = String::from("-----BEGIN PRIVATE KEY-----\n");
+    for line in b64.as_bytes().chunks(64) {
+        out.push_str(&String::from_utf8_lossy(line));
+        out.push('\n');
+    }
+    out.push_str("-----END PRIVATE KEY-----\n");
+    out
 }

@@ -1,0 +1,198 @@
+//! Standalone identity: the gateway SVID and trusted bundles read from files, and re-read
+//! when they change so rotation needs no restart (live connections are kept: TLS reads the
+//! current SVID and bundles on every handshake).
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use isthmus_core::config::ConfigError;
+use isthmus_core::lifecycle::DrainWatch;
+use isthmus_core::{Bundle, SvidSource, TrustDomain, TrustStore, X509Svid};
+
+use crate::config::IdentityFiles;
+use crate::server::GatewayIdentity;
+
+/// How often the files are checked for changes.
+pub const POLL_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Why identity material could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    /// A file could not be read.
+    #[error("{path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The SVID is invalid.
+    #[error("{path}: {error}")]
+    Svid {
+        /// The certificate file.
+        path: PathBuf,
+        /// Why.
+        error: isthmus_core::svid::SvidError,
+    },
+    /// A bundle is invalid.
+    #[error("{path}: {error}")]
+    Bundle {
+        /// The bundle file.
+        path: PathBuf,
+        /// Why.
+        error: isthmus_core::bundle::BundleError,
+    },
+    /// The SVID is not of the configured trust domain.
+    #[error("the SVID {id} is not of trust domain {trust_domain}")]
+    WrongTrustDomain {
+        /// The SVID's ID.
+        id: String,
+        /// The configured trust domain.
+        trust_domain: TrustDomain,
+    },
+}
+
+impl IdentityFiles {
+    /// Checks that standalone identity files are configured, naming the missing field.
+    pub fn require(&self, own: &TrustDomain) -> Result<(), ConfigError> {
+        if self.svid_cert_file.is_none() {
+            return Err(ConfigError::validation(
+                "identity.svid_cert_file",
+                "required",
+            ));
+        }
+        if self.svid_key_file.is_none() {
+            return Err(ConfigError::validation(
+                "identity.svid_key_file",
+                "required",
+            ));
+        }
+        if !self.bundle_files.contains_key(own.name()) {
+            return Err(ConfigError::validation(
+                format!("identity.bundle_files.\"{own}\""),
+                "the own trust domain's bundle is required",
+            ));
+        }
+        for name in self.bundle_files.keys() {
+            TrustDomain::new(name).map_err(|e| {
+                ConfigError::validation(format!("identity.bundle_files.\"{name}\""), e.to_string())
+            })?;
+        }
+        Ok(())
+    }
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, IdentityError> {
+    std::fs::read(path).map_err(|source| IdentityError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn load_svid(files: &IdentityFiles, own: &TrustDomain) -> Result<X509Svid, IdentityError> {
+    let (Some(cert), Some(key)) = (&files.svid_cert_file, &files.svid_key_file) else {
+        return Err(IdentityError::Read {
+            path: PathBuf::from("identity.svid_cert_file"),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "not configured"),
+        });
+    };
+    let svid =
+        X509Svid::from_pem(&read(cert)?, &read(key)?).map_err(|error| IdentityError::Svid {
+            path: cert.clone(),
+            error,
+        })?;
+    if svid.id().trust_domain_name() != own.name() {
+        return Err(IdentityError::WrongTrustDomain {
+            id: svid.id().to_string(),
+            trust_domain: own.clone(),
+        });
+    }
+    Ok(svid)
+}
+
+fn load_bundles(files: &IdentityFiles) -> Result<Vec<Bundle>, IdentityError> {
+    files
+        .bundle_files
+        .iter()
+        .map(|(name, path)| {
+            let td = TrustDomain::new(name).map_err(|e| IdentityError::Bundle {
+                path: path.clone(),
+                error: isthmus_core::bundle::BundleError::BadTrustDomain {
+                    name: name.clone(),
+                    error: e,
+                },
+            })?;
+            Bundle::parse_json(td, &read(path)?).map_err(|error| IdentityError::Bundle {
+                path: path.clone(),
+                error,
+            })
+        })
+        .collect()
+}
+
+/// Loads the SVID and bundles.
+pub fn load(files: &IdentityFiles, own: &TrustDomain) -> Result<GatewayIdentity, IdentityError> {
+    let svid = load_svid(files, own)?;
+    let svid = SvidSource::new(svid).map_err(|error| IdentityError::Svid {
+        path: files.svid_cert_file.clone().unwrap_or_default(),
+        error,
+    })?;
+    Ok(GatewayIdentity {
+        svid,
+        trust: TrustStore::from_bundles(load_bundles(files)?),
+    })
+}
+
+fn mtimes(files: &IdentityFiles) -> Vec<Option<SystemTime>> {
+    files
+        .svid_cert_file
+        .iter()
+        .chain(files.svid_key_file.iter())
+        .chain(files.bundle_files.values())
+        .map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
+        .collect()
+}
+
+/// Re-reads the files whenever one changes. A bad file is logged and the current material
+/// kept (never replace a good SVID or bundle with a bad one).
+pub async fn watch(
+    files: IdentityFiles,
+    own: TrustDomain,
+    identity: GatewayIdentity,
+    drain: DrainWatch,
+) {
+    let mut seen = mtimes(&files);
+    loop {
+        tokio::select! {
+            () = drain.signaled() => return,
+            () = tokio::time::sleep(POLL_INTERVAL) => {}
+        }
+        let now = mtimes(&files);
+        if now == seen {
+            continue;
+        }
+        seen = now;
+        match load_svid(&files, &own) {
+            Ok(svid) => {
+                let id = svid.id().clone();
+                if identity.svid.current().svid.leaf() != svid.leaf() {
+                    match identity.svid.rotate(svid) {
+                        Ok(()) => tracing::info!(spiffe_id = %id, "gateway SVID reloaded"),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "new SVID rejected; keeping the current one")
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot reload the SVID; keeping the current one"),
+        }
+        match load_bundles(&files) {
+            Ok(bundles) => {
+                for bundle in bundles {
+                    identity.trust.set(bundle);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot reload bundles; keeping the current ones"),
+        }
+    }
+}
