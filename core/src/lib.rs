@@ -6,6 +6,8 @@
 //! - Verification: [`verify::verify_svid_chain`] checks a chain against the bundle of the
 //!   peer's own trust domain; [`tls`] wraps it into rustls verifiers (usable with quinn) and
 //!   serves the current SVID from an [`SvidSource`] so rotation keeps live connections.
+//! - Catalog: the global service model ([`catalog`]): MCS merge rules, endpoint selection
+//!   by affinity, ClusterSetIP allocation.
 //! - Scaffolding: layered configuration ([`config`]), lifecycle and readiness ([`lifecycle`]),
 //!   tracing and metrics ([`telemetry`]).
 //!
@@ -14,6 +16,7 @@
 
 pub mod bundle;
 pub mod ca;
+pub mod catalog;
 pub mod config;
 pub mod endpoint;
 pub mod id;
