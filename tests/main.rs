@@ -12,5 +12,6 @@ mod broker;
 mod broker_durability;
 mod federation;
 mod gateway;
+mod gateway_fallback;
 mod mtls;
 mod spiffe_vectors;

@@ -4,7 +4,8 @@
 //! - [`broker`]: the `isthmus.broker.v1` messages, clients and servers.
 //! - [`admin_http`]: `/metrics` and `/healthz/*` over plain HTTP.
 //! - [`tunnel`]: the `isthmus/1` stream header codec between clients and gateways.
-//! - [`tunnel_client`]: the pooled QUIC client that opens tunnels through gateways.
+//! - [`tunnel_client`]: the pooled client that opens tunnels through gateways (QUIC, with
+//!   an HTTP/2 CONNECT fallback over TCP).
 //! - [`transport`]: SPIFFE-mTLS incoming connections and channels for tonic.
 
 pub mod admin_http;

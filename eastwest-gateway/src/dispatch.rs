@@ -356,6 +356,11 @@ impl Dispatcher {
             .clone()
     }
 
+    /// Whether the gateway is draining (new streams are refused).
+    pub fn is_draining(&self) -> bool {
+        self.shared.draining.load(Ordering::Relaxed)
+    }
+
     /// Refuse new streams from now on (drain).
     pub fn start_draining(&self) {
         self.shared.draining.store(true, Ordering::Relaxed);

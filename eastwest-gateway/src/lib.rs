@@ -6,6 +6,7 @@
 //! ([`isthmus_api::tunnel`]).
 //!
 //! - [`server`]: the QUIC front end and lifecycle ([`server::Gateway`]).
+//! - [`h2`]: the TCP fallback front end (TLS + HTTP/2 `CONNECT`) on the same port number.
 //! - [`dispatch`]: service lookup, authorization, limits and endpoint selection.
 //! - [`identity`]: the SVID and bundles from files, reloaded when they change.
 //! - [`config`]: the gateway's configuration and exported services.
@@ -13,6 +14,7 @@
 
 pub mod config;
 pub mod dispatch;
+pub mod h2;
 pub mod identity;
 pub mod metrics;
 pub mod server;

@@ -145,27 +145,55 @@ impl Gateway {
             .map_err(|e| GatewayError::Tls(e.to_string()))?;
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
         server.transport_config(Arc::new(transport_config(&config.limits)?));
-        let endpoint = quinn::Endpoint::server(server, config.listen).map_err(|source| {
-            GatewayError::Listen {
-                address: config.listen,
-                source,
+        let h2_tls = tls_server_config(
+            &own,
+            &config.federated_trust_domains,
+            &identity,
+            vec![isthmus_api::transport::ALPN_H2.to_vec()],
+            &metrics,
+        )?;
+        // UDP first, then TCP on the same IP and the UDP socket's actual port. With port 0 that
+        // TCP port may be taken: pick another pair a few times before giving up.
+        let mut attempts_left = if config.listen.port() == 0 { 8 } else { 1 };
+        let (endpoint, addr, tcp) = loop {
+            attempts_left -= 1;
+            let endpoint =
+                quinn::Endpoint::server(server.clone(), config.listen).map_err(|source| {
+                    GatewayError::Listen {
+                        address: config.listen,
+                        source,
+                    }
+                })?;
+            let addr = endpoint
+                .local_addr()
+                .map_err(|source| GatewayError::Listen {
+                    address: config.listen,
+                    source,
+                })?;
+            match crate::h2::bind(addr).await {
+                Ok(tcp) => break (endpoint, addr, tcp),
+                Err(e) if attempts_left > 0 => {
+                    tracing::debug!(error = %e, "TCP twin of the QUIC port is taken; rebinding");
+                    endpoint.close(0u32.into(), b"");
+                }
+                Err(e) => return Err(e),
             }
-        })?;
-        let addr = endpoint
-            .local_addr()
-            .map_err(|source| GatewayError::Listen {
-                address: config.listen,
-                source,
-            })?;
+        };
         let (drain, watch) = DrainTrigger::new();
         let mut tasks = JoinSet::new();
+        tasks.spawn(crate::h2::serve(
+            tcp,
+            Arc::new(h2_tls),
+            dispatcher.clone(),
+            drain.watch(),
+        ));
         tasks.spawn(accept_loop(
             endpoint.clone(),
             dispatcher.clone(),
             config.limits.clone(),
             watch,
         ));
-        tracing::info!(address = %addr, trust_domain = %own, cluster = %config.cluster, "gateway listening (QUIC)");
+        tracing::info!(address = %addr, trust_domain = %own, cluster = %config.cluster, "gateway listening (QUIC on UDP, HTTP/2 CONNECT fallback on TCP)");
         Ok(Self {
             endpoint,
             addr,
@@ -176,7 +204,7 @@ impl Gateway {
         })
     }
 
-    /// The bound address (UDP for QUIC).
+    /// The bound address: UDP for QUIC and TCP for the HTTP/2 fallback share its port.
     pub fn addr(&self) -> SocketAddr {
         self.addr
     }
@@ -205,7 +233,8 @@ impl Gateway {
     pub async fn shutdown(mut self, deadline: Duration) -> DrainOutcome {
         self.endpoint.set_server_config(None);
         self.dispatcher.start_draining();
-        // The accept loop stops at once; streams in flight get until the deadline.
+        // Both accept loops (QUIC and the TCP fallback) stop at once; streams in flight get
+        // until the deadline. Aborting the tasks below closes the fallback's TCP connections.
         let _ = self.drain.drain(Duration::from_secs(1)).await;
         let outcome = match self.dispatcher.wait_idle(deadline).await {
             0 => DrainOutcome::Complete,
