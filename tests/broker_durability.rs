@@ -188,7 +188,10 @@ fn sigkill_during_rotation_keeps_sequence_monotonic() {
     let mut high = open(&dir).sequence();
     for round in 0..ROUNDS {
         let acked = run_child("rotate", &dir, round);
-        assert!(acked.last > high, "round {round}: sequence went backwards");
+        // Equal is legitimate: when the previous child died between publishing a root and
+        // activating it, the next rotation activates that published root, which leaves the
+        // bundle (and so the sequence) unchanged.
+        assert!(acked.last >= high, "round {round}: sequence went backwards");
         high = acked.last;
         let authority = open(&dir);
         let sequence = authority.sequence();
