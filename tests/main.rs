@@ -14,4 +14,5 @@ mod federation;
 mod gateway;
 mod gateway_fallback;
 mod mtls;
+mod peering;
 mod spiffe_vectors;

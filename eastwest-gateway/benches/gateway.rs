@@ -56,6 +56,9 @@ const ENV_CHAIN: &str = "ISTHMUS_BENCH_GATEWAY_CHAIN";
 const ENV_KEY: &str = "ISTHMUS_BENCH_GATEWAY_KEY";
 const ENV_BUNDLES: &str = "ISTHMUS_BENCH_BUNDLES";
 const ENV_BACKEND: &str = "ISTHMUS_BENCH_BACKEND";
+/// Optional override of `limits.max_streams_per_connection` in the child (for the RSS study;
+/// quinn allocates per-stream state for the whole stream limit of every connection).
+const ENV_STREAMS_PER_CONNECTION: &str = "ISTHMUS_BENCH_MAX_STREAMS_PER_CONNECTION";
 
 /// Sizes of one run: the full run or `--quick`.
 #[derive(Debug, Clone, Copy)]
@@ -109,9 +112,32 @@ fn main() -> BenchResult<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
+    let load_before = load_average();
     let report = runtime.block_on(run(scale, only.as_deref(), path.as_deref()))?;
     report.print(scale);
+    println!(
+        "\nCPU: {}; load average before {load_before}, after {}",
+        cpu_model(),
+        load_average()
+    );
     Ok(())
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" / "))
+        .unwrap_or_default()
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|m| m.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
+        .unwrap_or_default()
 }
 
 fn err(message: impl Into<String>) -> BoxError {
@@ -819,6 +845,9 @@ fn gateway_child() -> BenchResult<()> {
     let mut config = gateway_config(vec![service("idle", backend)])?;
     config.limits.max_streams_per_peer = 1_000_000;
     config.limits.max_streams = 1_000_000;
+    if let Ok(limit) = std::env::var(ENV_STREAMS_PER_CONNECTION) {
+        config.limits.max_streams_per_connection = limit.parse()?;
+    }
     let identity = GatewayIdentity {
         svid: SvidSource::new(svid)?,
         trust: TrustStore::from_bundles(bundles),

@@ -87,6 +87,70 @@ pub struct ExportedService {
     pub allow: Vec<AllowRule>,
 }
 
+impl ExportedService {
+    /// This export in the catalog model, as `cluster` publishes it to peers. File exports
+    /// carry no creation time: they all date from the Unix epoch, so conflicts between them
+    /// resolve by cluster name, the same way in every cluster.
+    pub fn to_catalog(&self, cluster: &str) -> isthmus_core::catalog::ServiceExport {
+        use isthmus_core::catalog::{
+            Affinity, Endpoint, PortSpec, Protocol, ServiceKey, ServiceType,
+        };
+        isthmus_core::catalog::ServiceExport {
+            key: ServiceKey::new(&self.namespace, &self.name),
+            cluster: cluster.to_owned(),
+            created: time::OffsetDateTime::UNIX_EPOCH,
+            ports: self
+                .ports
+                .iter()
+                .map(|p| PortSpec {
+                    name: p.name.clone(),
+                    protocol: Protocol::Tcp,
+                    port: p.port,
+                })
+                .collect(),
+            service_type: ServiceType::ClusterSetIP,
+            affinity: Affinity::Local,
+            shared: true,
+            endpoints: self
+                .endpoints
+                .iter()
+                .map(|e| Endpoint {
+                    address: e.address,
+                    ready: e.ready,
+                    zone: None,
+                    hostname: None,
+                })
+                .collect(),
+        }
+    }
+}
+
+/// Catalog exchange with peer gateways.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PeeringConfig {
+    /// Peer gateways to import from (their trust domains must be federated).
+    pub peers: Vec<crate::peering::PeerConfig>,
+    /// Heartbeat interval on peering streams.
+    pub heartbeat: HumanDuration,
+    /// How long a disconnected peer's endpoints stay usable.
+    pub staleness_budget: HumanDuration,
+    /// Where imports are persisted (none: kept in memory only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_dir: Option<PathBuf>,
+}
+
+impl Default for PeeringConfig {
+    fn default() -> Self {
+        Self {
+            peers: Vec::new(),
+            heartbeat: HumanDuration::from_secs(5),
+            staleness_budget: HumanDuration::from_secs(30),
+            data_dir: None,
+        }
+    }
+}
+
 /// Limits and timeouts.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -163,6 +227,8 @@ pub struct GatewayConfig {
     pub limits: LimitsConfig,
     /// Exported services.
     pub services: Vec<ExportedService>,
+    /// Catalog exchange with peer gateways.
+    pub peering: PeeringConfig,
     /// Plain-HTTP `/metrics` and `/healthz/*` (disabled when absent).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub metrics_listen: Option<SocketAddr>,
@@ -178,6 +244,7 @@ impl Default for GatewayConfig {
             identity: IdentityFiles::default(),
             limits: LimitsConfig::default(),
             services: Vec::new(),
+            peering: PeeringConfig::default(),
             metrics_listen: None,
         }
     }
@@ -254,6 +321,22 @@ impl Validate for GatewayConfig {
             if zero {
                 return Err(ConfigError::validation(field, "is too small"));
             }
+        }
+        for (i, peer) in self.peering.peers.iter().enumerate() {
+            if !self.federated_trust_domains.contains(&peer.trust_domain) {
+                return Err(ConfigError::validation(
+                    format!("peering.peers[{i}].trust_domain"),
+                    format!("{} is not in federated_trust_domains", peer.trust_domain),
+                ));
+            }
+        }
+        if self.peering.heartbeat.get().is_zero()
+            || self.peering.staleness_budget < self.peering.heartbeat
+        {
+            return Err(ConfigError::validation(
+                "peering.staleness_budget",
+                "must be at least one heartbeat interval",
+            ));
         }
         let mut seen = BTreeSet::new();
         for (i, svc) in self.services.iter().enumerate() {

@@ -9,6 +9,7 @@
 //! - [`h2`]: the TCP fallback front end (TLS + HTTP/2 `CONNECT`) on the same port number.
 //! - [`dispatch`]: service lookup, authorization, limits and endpoint selection.
 //! - [`identity`]: the SVID and bundles from files, reloaded when they change.
+//! - [`peering`]: catalog exchange with peer gateways (snapshot, deltas, resume, staleness).
 //! - [`config`]: the gateway's configuration and exported services.
 //! - [`metrics`]: the `isthmus_gateway_*` metrics.
 
@@ -17,4 +18,5 @@ pub mod dispatch;
 pub mod h2;
 pub mod identity;
 pub mod metrics;
+pub mod peering;
 pub mod server;

@@ -1,6 +1,7 @@
 //! The QUIC front end: mTLS with the core verifiers (peers from our own or a federated trust
 //! domain), one tunnelled TCP connection per bidirectional stream, graceful drain.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,6 +21,7 @@ use tokio::task::JoinSet;
 use crate::config::{GatewayConfig, LimitsConfig};
 use crate::dispatch::{Backend, Dispatcher, Refusal};
 use crate::metrics::{BytesLabels, GatewayMetrics, PeerLabels};
+use crate::peering::{ExportLog, ImportStore, ImportedPeer, PEER_ALPN};
 
 /// QUIC application error code: the gateway is shutting down.
 pub const CLOSE_DRAINED: u32 = 0x1;
@@ -103,6 +105,10 @@ pub(crate) fn tls_server_config(
 
 /// A running gateway.
 pub struct Gateway {
+    cluster: String,
+    exports: ExportLog,
+    imports: BTreeMap<TrustDomain, tokio::sync::watch::Receiver<ImportedPeer>>,
+    staleness_budget: Duration,
     endpoint: quinn::Endpoint,
     addr: SocketAddr,
     dispatcher: Dispatcher,
@@ -138,7 +144,7 @@ impl Gateway {
             &own,
             &config.federated_trust_domains,
             &identity,
-            vec![tunnel::ALPN.to_vec()],
+            vec![tunnel::ALPN.to_vec(), PEER_ALPN.to_vec()],
             &metrics,
         )?;
         let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
@@ -187,10 +193,83 @@ impl Gateway {
             dispatcher.clone(),
             drain.watch(),
         ));
+        let exports = ExportLog::new(time::OffsetDateTime::now_utc().unix_timestamp_nanos() as u64);
+        exports.replace_all(
+            config
+                .services
+                .iter()
+                .map(|s| s.to_catalog(&config.cluster))
+                .collect(),
+        );
+        let peering = Arc::new(PeeringServe {
+            cluster: config.cluster.clone(),
+            log: exports.clone(),
+            heartbeat: config.peering.heartbeat.get(),
+            peers: config
+                .peering
+                .peers
+                .iter()
+                .map(|p| p.trust_domain.clone())
+                .collect(),
+        });
+        let store = match &config.peering.data_dir {
+            Some(dir) => {
+                Some(ImportStore::open(dir).map_err(|e| GatewayError::Tls(e.to_string()))?)
+            }
+            None => None,
+        };
+        let mut imports = BTreeMap::new();
+        for peer in &config.peering.peers {
+            let stored = match &store {
+                Some(store) => store
+                    .load(&peer.trust_domain)
+                    .map_err(|e| GatewayError::Tls(e.to_string()))?,
+                None => None,
+            };
+            let initial = stored.unwrap_or(ImportedPeer {
+                cluster: String::new(),
+                resume: None,
+                exports: BTreeMap::new(),
+                last_seen: None,
+                connected: false,
+            });
+            let (tx, rx) = tokio::sync::watch::channel(ImportedPeer {
+                connected: false,
+                ..initial
+            });
+            let client_tls = isthmus_core::tls::client_config(&MtlsSettings {
+                svid: identity.svid.clone(),
+                trust: identity.trust.clone(),
+                authorizer: Arc::new(isthmus_core::tls::AllowIds(vec![
+                    peer.gateway_id()
+                        .map_err(|e| GatewayError::Tls(e.to_string()))?,
+                ])),
+                alpn: vec![PEER_ALPN.to_vec()],
+                observer: None,
+            })
+            .map_err(|e| GatewayError::Tls(e.to_string()))?;
+            let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(client_tls)
+                .map_err(|e| GatewayError::Tls(e.to_string()))?;
+            let mut client = quinn::ClientConfig::new(Arc::new(crypto));
+            let mut transport = quinn::TransportConfig::default();
+            transport.keep_alive_interval(Some(config.peering.heartbeat.get()));
+            client.transport_config(Arc::new(transport));
+            tasks.spawn(crate::peering::follow_peer(
+                config.cluster.clone(),
+                peer.clone(),
+                endpoint.clone(),
+                client,
+                store.clone(),
+                tx,
+                drain.watch(),
+            ));
+            imports.insert(peer.trust_domain.clone(), rx);
+        }
         tasks.spawn(accept_loop(
             endpoint.clone(),
             dispatcher.clone(),
             config.limits.clone(),
+            peering,
             watch,
         ));
         tracing::info!(address = %addr, trust_domain = %own, cluster = %config.cluster, "gateway listening (QUIC on UDP, HTTP/2 CONNECT fallback on TCP)");
@@ -201,6 +280,10 @@ impl Gateway {
             drain,
             tasks,
             registry: Arc::new(std::sync::Mutex::new(registry)),
+            cluster: config.cluster.clone(),
+            exports,
+            imports,
+            staleness_budget: config.peering.staleness_budget.get(),
         })
     }
 
@@ -212,6 +295,48 @@ impl Gateway {
     /// The dispatcher (service table, limits, metrics).
     pub fn dispatcher(&self) -> &Dispatcher {
         &self.dispatcher
+    }
+
+    /// Replaces the exported services: new streams use them at once, and peers receive the
+    /// changes as deltas.
+    pub fn replace_exports(&self, services: &[crate::config::ExportedService]) {
+        self.dispatcher.replace_services(services);
+        self.exports.replace_all(
+            services
+                .iter()
+                .map(|s| s.to_catalog(&self.cluster))
+                .collect(),
+        );
+    }
+
+    /// What this gateway holds of each peer, with `connected` as of now.
+    pub fn imports(&self) -> BTreeMap<TrustDomain, ImportedPeer> {
+        self.imports
+            .iter()
+            .map(|(td, rx)| (td.clone(), rx.borrow().clone()))
+            .collect()
+    }
+
+    /// The global services as this cluster sees them: its own exports merged with the
+    /// imports of every peer that is connected or within the staleness budget.
+    pub fn catalog(&self, now: time::OffsetDateTime) -> Vec<isthmus_core::catalog::GlobalService> {
+        let (_, _, local) = self.exports.snapshot();
+        let mut by_key: BTreeMap<_, Vec<isthmus_core::catalog::ServiceExport>> = BTreeMap::new();
+        for export in local {
+            by_key.entry(export.key.clone()).or_default().push(export);
+        }
+        for peer in self.imports().into_values() {
+            if !peer.is_fresh(now, self.staleness_budget) {
+                continue;
+            }
+            for export in peer.exports.into_values() {
+                by_key.entry(export.key.clone()).or_default().push(export);
+            }
+        }
+        by_key
+            .values()
+            .filter_map(isthmus_core::catalog::merge)
+            .collect()
     }
 
     /// The metrics registry, for an admin HTTP endpoint.
@@ -243,15 +368,28 @@ impl Gateway {
         self.endpoint
             .close(CLOSE_DRAINED.into(), b"gateway shutting down");
         self.tasks.abort_all();
+        // Wait for the aborted tasks so their sockets (the TCP listener, peering followers'
+        // endpoint handles) are really closed when shutdown returns.
+        while self.tasks.join_next().await.is_some() {}
         let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
         outcome
     }
+}
+
+/// What the server needs to answer peering subscriptions.
+#[derive(Debug)]
+struct PeeringServe {
+    cluster: String,
+    log: ExportLog,
+    heartbeat: Duration,
+    peers: Vec<TrustDomain>,
 }
 
 async fn accept_loop(
     endpoint: quinn::Endpoint,
     dispatcher: Dispatcher,
     limits: LimitsConfig,
+    peering: Arc<PeeringServe>,
     drain: DrainWatch,
 ) {
     loop {
@@ -262,7 +400,7 @@ async fn accept_loop(
                 None => return,
             },
         };
-        let (dispatcher, limits) = (dispatcher.clone(), limits.clone());
+        let (dispatcher, limits, peering) = (dispatcher.clone(), limits.clone(), peering.clone());
         tokio::spawn(async move {
             let conn = match incoming.await {
                 Ok(conn) => conn,
@@ -271,7 +409,48 @@ async fn accept_loop(
                     return;
                 }
             };
-            serve_connection(conn, dispatcher, limits).await;
+            let alpn = conn
+                .handshake_data()
+                .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+                .and_then(|d| d.protocol);
+            if alpn.as_deref() == Some(PEER_ALPN) {
+                serve_peer(conn, &peering).await;
+            } else {
+                serve_connection(conn, dispatcher, limits).await;
+            }
+        });
+    }
+}
+
+/// Serves catalog subscriptions of a peer gateway: only the gateway SVID of a configured peer
+/// trust domain may subscribe.
+async fn serve_peer(conn: quinn::Connection, peering: &PeeringServe) {
+    let Some(peer) = peer_id(&conn) else {
+        conn.close(0u32.into(), b"no SPIFFE ID");
+        return;
+    };
+    let allowed = peering.peers.iter().any(|td| {
+        td.workload_id(&crate::peering::GATEWAY_PATH)
+            .is_ok_and(|gateway| gateway == peer)
+    });
+    if !allowed {
+        tracing::warn!(peer = %peer, "peering refused: not the gateway of a configured peer");
+        conn.close(0x3u32.into(), b"not a configured peer gateway");
+        return;
+    }
+    while let Ok((send, recv)) = conn.accept_bi().await {
+        let (cluster, log, heartbeat) = (
+            peering.cluster.clone(),
+            peering.log.clone(),
+            peering.heartbeat,
+        );
+        let peer = peer.clone();
+        tokio::spawn(async move {
+            if let Err(e) =
+                crate::peering::serve_subscriber(&cluster, &log, send, recv, heartbeat).await
+            {
+                tracing::debug!(peer = %peer, error = %e, "peering stream ended");
+            }
         });
     }
 }

@@ -1,0 +1,266 @@
+//! Catalog exchange between two gateways on 127.0.0.1: snapshot, deltas, persistence across a
+//! restart, staleness when the peer goes away, resync when it returns, and refusal of a
+//! gateway that is not a configured peer.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use isthmus_core::ca::{CertificateAuthority, DEFAULT_CA_TTL, DEFAULT_LEAF_TTL};
+use isthmus_core::catalog::ServiceKey;
+use isthmus_core::config::HumanDuration;
+use isthmus_core::{SpiffeId, SvidSource, TrustDomain, TrustStore};
+use isthmus_gateway::config::{EndpointConfig, ExportedService, GatewayConfig, ServicePort};
+use isthmus_gateway::peering::PeerConfig;
+use isthmus_gateway::server::{Gateway, GatewayIdentity};
+use time::OffsetDateTime;
+
+fn td(s: &str) -> TrustDomain {
+    TrustDomain::new(s).unwrap()
+}
+
+fn now() -> OffsetDateTime {
+    OffsetDateTime::now_utc()
+}
+
+fn service(name: &str, ip: &str) -> ExportedService {
+    ExportedService {
+        namespace: "demo".into(),
+        name: name.into(),
+        ports: vec![ServicePort {
+            name: "http".into(),
+            port: 80,
+            target_port: None,
+            protocol: "TCP".into(),
+        }],
+        endpoints: vec![EndpointConfig {
+            address: ip.parse().unwrap(),
+            ready: true,
+        }],
+        allow: vec![],
+    }
+}
+
+struct Domain {
+    identity: GatewayIdentity,
+}
+
+fn domain(name: &str, trust: &TrustStore) -> Domain {
+    let ca = CertificateAuthority::generate(td(name), now(), DEFAULT_CA_TTL).unwrap();
+    trust.set(ca.bundle());
+    let id = SpiffeId::parse(&format!(
+        "spiffe://{name}/ns/isthmus-system/sa/eastwest-gateway"
+    ))
+    .unwrap();
+    let svid = SvidSource::new(ca.issue_svid(&id, DEFAULT_LEAF_TTL, now()).unwrap()).unwrap();
+    Domain {
+        identity: GatewayIdentity {
+            svid,
+            trust: trust.clone(),
+        },
+    }
+}
+
+fn config(
+    own: &str,
+    cluster: &str,
+    peer: Option<(&str, std::net::SocketAddr)>,
+    services: Vec<ExportedService>,
+    dir: Option<PathBuf>,
+) -> GatewayConfig {
+    let mut cfg = GatewayConfig {
+        trust_domain: Some(td(own)),
+        cluster: cluster.into(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        services,
+        ..GatewayConfig::default()
+    };
+    if let Some((peer_td, address)) = peer {
+        cfg.federated_trust_domains = vec![td(peer_td)];
+        cfg.peering.peers = vec![PeerConfig {
+            trust_domain: td(peer_td),
+            address,
+        }];
+    }
+    cfg.peering.heartbeat = HumanDuration::from_millis(200);
+    cfg.peering.staleness_budget = HumanDuration::from_secs(2);
+    cfg.peering.data_dir = dir;
+    cfg
+}
+
+async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !check() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+fn endpoints_of(gateway: &Gateway, cluster: &str, name: &str) -> Vec<String> {
+    gateway
+        .catalog(now())
+        .into_iter()
+        .find(|s| s.key == ServiceKey::new("demo", name))
+        .and_then(|s| s.endpoints.get(cluster).cloned())
+        .map(|eps| eps.iter().map(|e| e.address.to_string()).collect())
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateways_exchange_catalogs_and_survive_restarts() {
+    let trust = TrustStore::default();
+    let west = domain("west.example", &trust);
+    let east = domain("east.example", &trust);
+    let dir = std::env::temp_dir().join(format!("isthmus-peering-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+
+    // East exports echo and lists west as a peer (so it admits west's subscription; east's own
+    // follower points at a port where nothing answers, which only keeps it retrying).
+    let placeholder = "127.0.0.1:9".parse().unwrap();
+    let east_cfg = config(
+        "east.example",
+        "east",
+        Some(("west.example", placeholder)),
+        vec![service("echo", "10.1.0.1")],
+        None,
+    );
+    let east_gw = Gateway::start(&east_cfg, east.identity.clone())
+        .await
+        .unwrap();
+    let west_cfg = config(
+        "west.example",
+        "west",
+        Some(("east.example", east_gw.addr())),
+        vec![service("web", "10.0.0.1")],
+        Some(dir.clone()),
+    );
+    let west_gw = Gateway::start(&west_cfg, west.identity.clone())
+        .await
+        .unwrap();
+
+    eventually("the snapshot", || {
+        endpoints_of(&west_gw, "east", "echo") == ["10.1.0.1"]
+    })
+    .await;
+    // West's own export is in its catalog too.
+    assert_eq!(endpoints_of(&west_gw, "west", "web"), ["10.0.0.1"]);
+
+    // A change in east arrives as a delta.
+    east_gw.replace_exports(&[service("echo", "10.1.0.2"), service("api", "10.1.0.3")]);
+    eventually("the delta", || {
+        endpoints_of(&west_gw, "east", "echo") == ["10.1.0.2"]
+            && endpoints_of(&west_gw, "east", "api") == ["10.1.0.3"]
+    })
+    .await;
+    let resume = west_gw.imports()[&td("east.example")].resume.unwrap();
+
+    // West restarts: the imports are served from disk at once, before any resync.
+    west_gw.shutdown(Duration::from_secs(2)).await;
+    let west_gw = Gateway::start(&west_cfg, west.identity.clone())
+        .await
+        .unwrap();
+    let restored = west_gw.imports()[&td("east.example")].clone();
+    assert!(
+        restored
+            .exports
+            .contains_key(&ServiceKey::new("demo", "api")),
+        "served from disk"
+    );
+    eventually("the resumed stream", || {
+        west_gw.imports()[&td("east.example")].connected
+    })
+    .await;
+    assert_eq!(
+        west_gw.imports()[&td("east.example")].resume.unwrap(),
+        resume,
+        "resumed, nothing duplicated"
+    );
+
+    // East goes away: its endpoints stay for the staleness budget, then are withdrawn.
+    east_gw.shutdown(Duration::from_secs(2)).await;
+    eventually("the disconnect", || {
+        !west_gw.imports()[&td("east.example")].connected
+    })
+    .await;
+    assert_eq!(
+        endpoints_of(&west_gw, "east", "echo"),
+        ["10.1.0.2"],
+        "kept within the budget"
+    );
+    eventually("the withdrawal", || {
+        endpoints_of(&west_gw, "east", "echo").is_empty()
+    })
+    .await;
+
+    // East comes back (a new epoch on the same port): west resyncs with a snapshot.
+    let mut east_cfg = east_cfg;
+    east_cfg.listen = west_cfg.peering.peers[0].address;
+    east_cfg.services = vec![service("echo", "10.1.0.9")];
+    // The old sockets close asynchronously; retry the bind briefly, as a restarted process
+    // would simply get the port.
+    let mut attempt = 0;
+    let east_gw = loop {
+        match Gateway::start(&east_cfg, east.identity.clone()).await {
+            Ok(gateway) => break gateway,
+            Err(e) if attempt < 50 => {
+                attempt += 1;
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("restart east: {e}"),
+        }
+    };
+    eventually("the resync", || {
+        endpoints_of(&west_gw, "east", "echo") == ["10.1.0.9"]
+    })
+    .await;
+    assert!(
+        endpoints_of(&west_gw, "east", "api").is_empty(),
+        "the snapshot replaced the old state"
+    );
+
+    west_gw.shutdown(Duration::from_secs(2)).await;
+    east_gw.shutdown(Duration::from_secs(2)).await;
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_that_is_not_a_configured_peer_gets_nothing() {
+    let trust = TrustStore::default();
+    let west = domain("west.example", &trust);
+    let east = domain("east.example", &trust);
+    // East federates with west (tunnels allowed) but does not list it as a peering peer.
+    let mut east_cfg = config(
+        "east.example",
+        "east",
+        None,
+        vec![service("echo", "10.1.0.1")],
+        None,
+    );
+    east_cfg.federated_trust_domains = vec![td("west.example")];
+    let east_gw = Gateway::start(&east_cfg, east.identity.clone())
+        .await
+        .unwrap();
+    let west_gw = Gateway::start(
+        &config(
+            "west.example",
+            "west",
+            Some(("east.example", east_gw.addr())),
+            vec![],
+            None,
+        ),
+        west.identity.clone(),
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let imported = &west_gw.imports()[&td("east.example")];
+    assert!(
+        imported.exports.is_empty() && !imported.connected,
+        "{imported:?}"
+    );
+    west_gw.shutdown(Duration::from_secs(2)).await;
+    east_gw.shutdown(Duration::from_secs(2)).await;
+}
