@@ -156,6 +156,56 @@ async fn gateways_exchange_catalogs_and_survive_restarts() {
     .await;
     let resume = west_gw.imports()[&td("east.example")].resume.unwrap();
 
+    // Status: the peer with its version and age, services with VIPs and where they come from.
+    let status = west_gw.status(now());
+    let peer = &status.peers[0];
+    assert!(
+        peer.connected
+            && peer.fresh
+            && peer.cluster == "east"
+            && peer.version == Some(resume.version)
+    );
+    let echo = status.services.iter().find(|s| s.name == "echo").unwrap();
+    assert!(!echo.exported && echo.ready_endpoints["east"] == 1);
+    let echo_vip = echo.vip.expect("a ClusterSetIP");
+    assert!(
+        echo_vip.octets()[..2] == [10, 96],
+        "{echo_vip} from the default range"
+    );
+    assert!(
+        status
+            .services
+            .iter()
+            .find(|s| s.name == "web")
+            .unwrap()
+            .exported
+    );
+    assert!(west_gw.status(now()).table().contains("demo/echo"));
+
+    // East exports web too, with a conflicting port: the oldest export wins (equal ages break
+    // by cluster name: east) and the conflict is visible.
+    let mut web = service("web", "10.1.0.4");
+    web.ports[0].port = 8080;
+    east_gw.replace_exports(&[service("echo", "10.1.0.2"), service("api", "10.1.0.3"), web]);
+    eventually("the conflict", || {
+        west_gw
+            .status(now())
+            .services
+            .iter()
+            .any(|s| s.name == "web" && !s.conflicts.is_empty())
+    })
+    .await;
+    east_gw.replace_exports(&[service("echo", "10.1.0.2"), service("api", "10.1.0.3")]);
+    eventually("the conflict to clear", || {
+        west_gw
+            .status(now())
+            .services
+            .iter()
+            .any(|s| s.name == "web" && s.conflicts.is_empty())
+    })
+    .await;
+    let resume = west_gw.imports()[&td("east.example")].resume.unwrap();
+
     // West restarts: the imports are served from disk at once, before any resync.
     west_gw.shutdown(Duration::from_secs(2)).await;
     let west_gw = Gateway::start(&west_cfg, west.identity.clone())
@@ -167,6 +217,17 @@ async fn gateways_exchange_catalogs_and_survive_restarts() {
             .exports
             .contains_key(&ServiceKey::new("demo", "api")),
         "served from disk"
+    );
+    let echo_after = west_gw
+        .status(now())
+        .services
+        .into_iter()
+        .find(|s| s.name == "echo")
+        .unwrap();
+    assert_eq!(
+        echo_after.vip,
+        Some(echo_vip),
+        "VIPs are stable across restarts"
     );
     eventually("the resumed stream", || {
         west_gw.imports()[&td("east.example")].connected

@@ -1,5 +1,6 @@
 //! The plain-HTTP admin endpoint every service exposes (bind it to loopback or a pod IP):
-//! `GET /metrics` (OpenMetrics text), `GET /healthz/ready` (200, or 503 naming the pending
+//! `GET /metrics` (OpenMetrics text), `GET /status` (JSON, where the component has one),
+//! `GET /healthz/ready` (200, or 503 naming the pending
 //! readiness blockers) and `GET /healthz/live`.
 
 use std::convert::Infallible;
@@ -31,6 +32,7 @@ fn route(
     request: &Request<Incoming>,
     metrics: &MetricsText,
     readiness: &Readiness,
+    status: Option<&MetricsText>,
 ) -> Response<Full<Bytes>> {
     if request.method() != Method::GET {
         return respond(
@@ -57,6 +59,11 @@ fn route(
                 )
             }
         }
+        "/status" if status.is_some() => respond(
+            StatusCode::OK,
+            "application/json",
+            status.map(|s| s()).unwrap_or_default(),
+        ),
         "/healthz/live" => respond(StatusCode::OK, "text/plain", "live\n".into()),
         _ => respond(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
     }
@@ -67,6 +74,17 @@ pub async fn serve(
     listener: TcpListener,
     metrics: MetricsText,
     readiness: Readiness,
+    drain: DrainWatch,
+) {
+    serve_with_status(listener, metrics, readiness, None, drain).await;
+}
+
+/// [`serve`], plus `GET /status` answering the JSON document `status` produces.
+pub async fn serve_with_status(
+    listener: TcpListener,
+    metrics: MetricsText,
+    readiness: Readiness,
+    status: Option<MetricsText>,
     drain: DrainWatch,
 ) {
     loop {
@@ -81,10 +99,10 @@ pub async fn serve(
                 }
             },
         };
-        let (metrics, readiness) = (metrics.clone(), readiness.clone());
+        let (metrics, readiness, status) = (metrics.clone(), readiness.clone(), status.clone());
         tokio::spawn(async move {
             let service = service_fn(move |request: Request<Incoming>| {
-                let response = route(&request, &metrics, &readiness);
+                let response = route(&request, &metrics, &readiness, status.as_ref());
                 async move { Ok::<_, Infallible>(response) }
             });
             if let Err(e) = hyper::server::conn::http1::Builder::new()

@@ -135,7 +135,9 @@ pub struct PeeringConfig {
     pub heartbeat: HumanDuration,
     /// How long a disconnected peer's endpoints stay usable.
     pub staleness_budget: HumanDuration,
-    /// Where imports are persisted (none: kept in memory only).
+    /// The range ClusterSetIPs (VIPs) of global services are assigned from, in this cluster.
+    pub vip_range: String,
+    /// Where imports and VIP assignments are persisted (none: kept in memory only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub data_dir: Option<PathBuf>,
 }
@@ -146,6 +148,7 @@ impl Default for PeeringConfig {
             peers: Vec::new(),
             heartbeat: HumanDuration::from_secs(5),
             staleness_budget: HumanDuration::from_secs(30),
+            vip_range: "10.96.240.0/20".into(),
             data_dir: None,
         }
     }
@@ -338,6 +341,8 @@ impl Validate for GatewayConfig {
                 "must be at least one heartbeat interval",
             ));
         }
+        isthmus_core::catalog::VipAllocator::new(&self.peering.vip_range)
+            .map_err(|e| ConfigError::validation("peering.vip_range", e.to_string()))?;
         let mut seen = BTreeSet::new();
         for (i, svc) in self.services.iter().enumerate() {
             let field = |f: &str| format!("services[{i}].{f}");

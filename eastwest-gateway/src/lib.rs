@@ -10,6 +10,7 @@
 //! - [`dispatch`]: service lookup, authorization, limits and endpoint selection.
 //! - [`identity`]: the SVID and bundles from files, reloaded when they change.
 //! - [`peering`]: catalog exchange with peer gateways (snapshot, deltas, resume, staleness).
+//! - [`status`]: the status document (peers, services, VIPs, conflicts).
 //! - [`config`]: the gateway's configuration and exported services.
 //! - [`metrics`]: the `isthmus_gateway_*` metrics.
 
@@ -20,3 +21,4 @@ pub mod identity;
 pub mod metrics;
 pub mod peering;
 pub mod server;
+pub mod status;

@@ -470,6 +470,23 @@ impl ImportStore {
         }
     }
 
+    /// The persisted ClusterSetIP assignments.
+    pub fn load_vips(&self) -> Result<Vec<(ServiceKey, std::net::Ipv4Addr)>, PeeringError> {
+        match self.db.open_tree("vips")?.get(b"assignments")? {
+            None => Ok(Vec::new()),
+            Some(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|e| PeeringError::Malformed(format!("stored VIPs: {e}"))),
+        }
+    }
+
+    /// Stores the ClusterSetIP assignments durably.
+    pub fn save_vips(&self, vips: &[(ServiceKey, std::net::Ipv4Addr)]) -> Result<(), PeeringError> {
+        let bytes = serde_json::to_vec(vips).map_err(|e| PeeringError::Malformed(e.to_string()))?;
+        self.db.open_tree("vips")?.insert(b"assignments", bytes)?;
+        self.db.flush()?;
+        Ok(())
+    }
+
     /// Stores the imports of `peer` durably.
     pub fn save(&self, peer: &TrustDomain, imported: &ImportedPeer) -> Result<(), PeeringError> {
         let bytes =

@@ -105,10 +105,7 @@ pub(crate) fn tls_server_config(
 
 /// A running gateway.
 pub struct Gateway {
-    cluster: String,
-    exports: ExportLog,
-    imports: BTreeMap<TrustDomain, tokio::sync::watch::Receiver<ImportedPeer>>,
-    staleness_budget: Duration,
+    view: CatalogView,
     endpoint: quinn::Endpoint,
     addr: SocketAddr,
     dispatcher: Dispatcher,
@@ -218,6 +215,15 @@ impl Gateway {
             }
             None => None,
         };
+        let mut vips = isthmus_core::catalog::VipAllocator::new(&config.peering.vip_range)
+            .map_err(|e| GatewayError::Tls(e.to_string()))?;
+        if let Some(store) = &store {
+            vips.restore(
+                store
+                    .load_vips()
+                    .map_err(|e| GatewayError::Tls(e.to_string()))?,
+            );
+        }
         let mut imports = BTreeMap::new();
         for peer in &config.peering.peers {
             let stored = match &store {
@@ -274,16 +280,22 @@ impl Gateway {
         ));
         tracing::info!(address = %addr, trust_domain = %own, cluster = %config.cluster, "gateway listening (QUIC on UDP, HTTP/2 CONNECT fallback on TCP)");
         Ok(Self {
+            view: CatalogView {
+                cluster: config.cluster.clone(),
+                addr,
+                dispatcher: dispatcher.clone(),
+                vips: Arc::new(std::sync::Mutex::new(vips)),
+                store,
+                exports,
+                imports,
+                staleness_budget: config.peering.staleness_budget.get(),
+            },
             endpoint,
             addr,
             dispatcher,
             drain,
             tasks,
             registry: Arc::new(std::sync::Mutex::new(registry)),
-            cluster: config.cluster.clone(),
-            exports,
-            imports,
-            staleness_budget: config.peering.staleness_budget.get(),
         })
     }
 
@@ -297,6 +309,83 @@ impl Gateway {
         &self.dispatcher
     }
 
+    /// A cheap, cloneable view of the catalog and status (for admin endpoints and APIs).
+    pub fn view(&self) -> CatalogView {
+        self.view.clone()
+    }
+
+    /// Replaces the exported services: new streams use them at once, and peers receive the
+    /// changes as deltas.
+    pub fn replace_exports(&self, services: &[crate::config::ExportedService]) {
+        self.view.replace_exports(services);
+    }
+
+    /// What this gateway holds of each peer, with `connected` as of now.
+    pub fn imports(&self) -> BTreeMap<TrustDomain, ImportedPeer> {
+        self.view.imports()
+    }
+
+    /// See [`CatalogView::catalog`].
+    pub fn catalog(&self, now: time::OffsetDateTime) -> Vec<isthmus_core::catalog::GlobalService> {
+        self.view.catalog(now)
+    }
+
+    /// See [`CatalogView::status`].
+    pub fn status(&self, now: time::OffsetDateTime) -> crate::status::GatewayStatus {
+        self.view.status(now)
+    }
+
+    /// The metrics registry, for an admin HTTP endpoint.
+    pub fn metrics_registry(&self) -> Arc<std::sync::Mutex<MetricsRegistry>> {
+        self.registry.clone()
+    }
+
+    /// Metrics text.
+    pub fn metrics_text(&self) -> String {
+        self.registry
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .encode_text()
+            .unwrap_or_default()
+    }
+
+    /// Graceful shutdown: stop accepting connections and streams, let streams in flight finish
+    /// until `deadline`, then close every connection with [`CLOSE_DRAINED`].
+    pub async fn shutdown(mut self, deadline: Duration) -> DrainOutcome {
+        self.endpoint.set_server_config(None);
+        self.dispatcher.start_draining();
+        // Both accept loops (QUIC and the TCP fallback) stop at once; streams in flight get
+        // until the deadline. Aborting the tasks below closes the fallback's TCP connections.
+        let _ = self.drain.drain(Duration::from_secs(1)).await;
+        let outcome = match self.dispatcher.wait_idle(deadline).await {
+            0 => DrainOutcome::Complete,
+            remaining => DrainOutcome::DeadlineExceeded { remaining },
+        };
+        self.endpoint
+            .close(CLOSE_DRAINED.into(), b"gateway shutting down");
+        self.tasks.abort_all();
+        // Wait for the aborted tasks so their sockets (the TCP listener, peering followers'
+        // endpoint handles) are really closed when shutdown returns.
+        while self.tasks.join_next().await.is_some() {}
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+        outcome
+    }
+}
+
+/// The gateway's catalog state, shareable: local exports, imports, VIPs and status.
+#[derive(Debug, Clone)]
+pub struct CatalogView {
+    cluster: String,
+    addr: SocketAddr,
+    dispatcher: Dispatcher,
+    vips: Arc<std::sync::Mutex<isthmus_core::catalog::VipAllocator>>,
+    store: Option<ImportStore>,
+    exports: ExportLog,
+    imports: BTreeMap<TrustDomain, tokio::sync::watch::Receiver<ImportedPeer>>,
+    staleness_budget: Duration,
+}
+
+impl CatalogView {
     /// Replaces the exported services: new streams use them at once, and peers receive the
     /// changes as deltas.
     pub fn replace_exports(&self, services: &[crate::config::ExportedService]) {
@@ -339,40 +428,99 @@ impl Gateway {
             .collect()
     }
 
-    /// The metrics registry, for an admin HTTP endpoint.
-    pub fn metrics_registry(&self) -> Arc<std::sync::Mutex<MetricsRegistry>> {
-        self.registry.clone()
-    }
-
-    /// Metrics text.
-    pub fn metrics_text(&self) -> String {
-        self.registry
+    /// The catalog with this cluster's ClusterSetIPs: a VIP is assigned to every
+    /// ClusterSetIP service (stable across restarts when `peering.data_dir` is set) and
+    /// released when the service is gone everywhere.
+    pub fn catalog_with_vips(
+        &self,
+        now: time::OffsetDateTime,
+    ) -> Vec<(
+        isthmus_core::catalog::GlobalService,
+        Option<std::net::Ipv4Addr>,
+    )> {
+        use isthmus_core::catalog::ServiceType;
+        let services = self.catalog(now);
+        let mut vips = self
+            .vips
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .encode_text()
-            .unwrap_or_default()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let before = vips.assignments().clone();
+        let live: std::collections::BTreeSet<_> = services
+            .iter()
+            .filter(|s| s.service_type == ServiceType::ClusterSetIP)
+            .map(|s| s.key.clone())
+            .collect();
+        let gone: Vec<_> = vips
+            .assignments()
+            .keys()
+            .filter(|k| !live.contains(*k))
+            .cloned()
+            .collect();
+        for key in gone {
+            vips.release(&key);
+        }
+        let out = services
+            .into_iter()
+            .map(|s| {
+                let vip = if s.service_type == ServiceType::ClusterSetIP {
+                    match vips.assign(&s.key) {
+                        Ok(ip) => Some(ip),
+                        Err(e) => {
+                            tracing::error!(service = %s.key, error = %e, "no ClusterSetIP left");
+                            None
+                        }
+                    }
+                } else {
+                    None
+                };
+                (s, vip)
+            })
+            .collect();
+        if vips.assignments() != &before
+            && let Some(store) = &self.store
+        {
+            let list: Vec<_> = vips
+                .assignments()
+                .iter()
+                .map(|(k, v)| (k.clone(), *v))
+                .collect();
+            if let Err(e) = store.save_vips(&list) {
+                tracing::warn!(error = %e, "cannot persist VIP assignments");
+            }
+        }
+        out
     }
 
-    /// Graceful shutdown: stop accepting connections and streams, let streams in flight finish
-    /// until `deadline`, then close every connection with [`CLOSE_DRAINED`].
-    pub async fn shutdown(mut self, deadline: Duration) -> DrainOutcome {
-        self.endpoint.set_server_config(None);
-        self.dispatcher.start_draining();
-        // Both accept loops (QUIC and the TCP fallback) stop at once; streams in flight get
-        // until the deadline. Aborting the tasks below closes the fallback's TCP connections.
-        let _ = self.drain.drain(Duration::from_secs(1)).await;
-        let outcome = match self.dispatcher.wait_idle(deadline).await {
-            0 => DrainOutcome::Complete,
-            remaining => DrainOutcome::DeadlineExceeded { remaining },
-        };
-        self.endpoint
-            .close(CLOSE_DRAINED.into(), b"gateway shutting down");
-        self.tasks.abort_all();
-        // Wait for the aborted tasks so their sockets (the TCP listener, peering followers'
-        // endpoint handles) are really closed when shutdown returns.
-        while self.tasks.join_next().await.is_some() {}
-        let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
-        outcome
+    /// The status document.
+    pub fn status(&self, now: time::OffsetDateTime) -> crate::status::GatewayStatus {
+        use crate::status::{GatewayStatus, PeerStatus, ServiceStatus};
+        let peers = self
+            .imports()
+            .into_iter()
+            .map(|(td, p)| PeerStatus {
+                trust_domain: td.to_string(),
+                cluster: p.cluster.clone(),
+                connected: p.connected,
+                fresh: p.is_fresh(now, self.staleness_budget),
+                last_sync: p.last_seen,
+                age_seconds: p.last_seen.map(|t| (now - t).whole_seconds()),
+                epoch: p.resume.map(|r| r.epoch),
+                version: p.resume.map(|r| r.version),
+                services: p.exports.len(),
+            })
+            .collect();
+        let services = self
+            .catalog_with_vips(now)
+            .iter()
+            .map(|(s, vip)| ServiceStatus::of(s, *vip, &self.cluster))
+            .collect();
+        GatewayStatus {
+            cluster: self.cluster.clone(),
+            address: self.addr.to_string(),
+            active_streams: self.dispatcher.active_streams(),
+            peers,
+            services,
+        }
     }
 }
 
