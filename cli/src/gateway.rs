@@ -88,11 +88,15 @@ pub fn run(args: GatewayArgs, env: &dyn Environment) -> Result<(), Failure> {
         .enable_all()
         .build()
         .map_err(anyhow::Error::from)?;
-    runtime.block_on(serve(cfg))?;
+    runtime.block_on(serve(cfg, args.config.config.clone(), args.config.set.clone()))?;
     Ok(())
 }
 
-async fn serve(cfg: GatewayConfig) -> anyhow::Result<()> {
+async fn serve(
+    cfg: GatewayConfig,
+    config_path: Option<std::path::PathBuf>,
+    flags: Vec<(String, String)>,
+) -> anyhow::Result<()> {
     let own = cfg.trust_domain()?.clone();
     let mut shutdown = Shutdown::with_signals()?;
     let identity = isthmus_gateway::identity::load(&cfg.identity, &own)
@@ -101,6 +105,20 @@ async fn serve(cfg: GatewayConfig) -> anyhow::Result<()> {
         .await
         .context("starting the gateway")?;
     let (drain, watch) = DrainTrigger::new();
+    // The exported services follow the configuration file.
+    if let Some(path) = config_path {
+        let source = isthmus_gateway::source::FileExports::watch(
+            path,
+            config::ProcessEnv,
+            flags,
+            cfg.services.clone(),
+            std::time::Duration::from_secs(2),
+            watch.clone(),
+        );
+        let view = gateway.view();
+        let watch = watch.clone();
+        tokio::spawn(async move { isthmus_gateway::source::follow(&source, view, watch).await });
+    }
     tokio::spawn(isthmus_gateway::identity::watch(
         cfg.identity.clone(),
         own.clone(),

@@ -11,6 +11,7 @@
 //! - [`identity`]: the SVID and bundles from files, reloaded when they change.
 //! - [`peering`]: catalog exchange with peer gateways (snapshot, deltas, resume, staleness).
 //! - [`status`]: the status document (peers, services, VIPs, conflicts).
+//! - [`source`]: export sources (the configuration file, reloaded on change).
 //! - [`config`]: the gateway's configuration and exported services.
 //! - [`metrics`]: the `isthmus_gateway_*` metrics.
 
@@ -21,4 +22,5 @@ pub mod identity;
 pub mod metrics;
 pub mod peering;
 pub mod server;
+pub mod source;
 pub mod status;
