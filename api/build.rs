@@ -2,7 +2,10 @@
 //! so building needs no protoc.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["proto/isthmus/broker/v1/broker.proto"];
+    let protos = [
+        "proto/isthmus/broker/v1/broker.proto",
+        "proto/isthmus/catalog/v1/catalog.proto",
+    ];
     for proto in protos {
         println!("cargo:rerun-if-changed={proto}");
     }

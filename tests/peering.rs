@@ -42,6 +42,7 @@ fn service(name: &str, ip: &str) -> ExportedService {
 
 struct Domain {
     identity: GatewayIdentity,
+    ca: CertificateAuthority,
 }
 
 fn domain(name: &str, trust: &TrustStore) -> Domain {
@@ -57,6 +58,7 @@ fn domain(name: &str, trust: &TrustStore) -> Domain {
             svid,
             trust: trust.clone(),
         },
+        ca,
     }
 }
 
@@ -322,6 +324,109 @@ async fn a_gateway_that_is_not_a_configured_peer_gets_nothing() {
         imported.exports.is_empty() && !imported.connected,
         "{imported:?}"
     );
+    west_gw.shutdown(Duration::from_secs(2)).await;
+    east_gw.shutdown(Duration::from_secs(2)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_local_catalog_api_streams_services_with_vips_to_its_own_trust_domain() {
+    use isthmus_api::catalog::WatchCatalogRequest;
+    use isthmus_api::catalog::catalog_client::CatalogClient;
+    use isthmus_api::transport::{ALPN_H2, tls_channel};
+    use isthmus_core::tls::{AllowIds, MtlsSettings};
+    use std::sync::Arc;
+
+    let trust = TrustStore::default();
+    let west = domain("west.example", &trust);
+    let east = domain("east.example", &trust);
+    let west_ca = &west.ca;
+
+    let placeholder = "127.0.0.1:9".parse().unwrap();
+    let east_gw = Gateway::start(
+        &config(
+            "east.example",
+            "east",
+            Some(("west.example", placeholder)),
+            vec![service("echo", "10.1.0.1")],
+            None,
+        ),
+        east.identity.clone(),
+    )
+    .await
+    .unwrap();
+    let mut west_cfg = config(
+        "west.example",
+        "west",
+        Some(("east.example", east_gw.addr())),
+        vec![],
+        None,
+    );
+    west_cfg.catalog_listen = Some("127.0.0.1:0".parse().unwrap());
+    let west_gw = Gateway::start(&west_cfg, west.identity.clone())
+        .await
+        .unwrap();
+    let gateway_id =
+        SpiffeId::parse("spiffe://west.example/ns/isthmus-system/sa/eastwest-gateway").unwrap();
+
+    let client_for = |ca: &CertificateAuthority, id: &str| {
+        let settings = MtlsSettings {
+            svid: SvidSource::new(
+                ca.issue_svid(&SpiffeId::parse(id).unwrap(), DEFAULT_LEAF_TTL, now())
+                    .unwrap(),
+            )
+            .unwrap(),
+            trust: trust.clone(),
+            authorizer: Arc::new(AllowIds(vec![gateway_id.clone()])),
+            alpn: vec![ALPN_H2.to_vec()],
+            observer: None,
+        };
+        let tls = isthmus_core::tls::client_config(&settings).unwrap();
+        CatalogClient::new(tls_channel(west_gw.catalog_addr().unwrap(), Arc::new(tls)))
+    };
+    let mut dns = client_for(west_ca, "spiffe://west.example/ns/isthmus-system/sa/dns");
+    let mut stream = dns
+        .watch(WatchCatalogRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    // The first message may predate the peering snapshot; wait for echo.
+    let snapshot = loop {
+        let s = tokio::time::timeout(Duration::from_secs(10), stream.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        if s.services.iter().any(|svc| svc.name == "echo") {
+            break s;
+        }
+    };
+    assert_eq!(snapshot.cluster, "west");
+    let echo = snapshot.services.iter().find(|s| s.name == "echo").unwrap();
+    assert!(echo.vip.starts_with("10.96."), "{echo:?}");
+    assert_eq!(echo.r#type, "ClusterSetIP");
+    assert_eq!(echo.clusters[0].cluster, "east");
+    assert!(!echo.clusters[0].local);
+    assert_eq!(echo.clusters[0].endpoints[0].address, "10.1.0.1");
+    // A change in east reaches the watcher.
+    east_gw.replace_exports(&[service("echo", "10.1.0.7")]);
+    loop {
+        let s = tokio::time::timeout(Duration::from_secs(10), stream.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        let svc = s.services.iter().find(|svc| svc.name == "echo").unwrap();
+        if svc.clusters[0].endpoints[0].address == "10.1.0.7" {
+            assert_eq!(svc.vip, echo.vip, "the VIP does not move");
+            break;
+        }
+    }
+    // A workload of another trust domain may not watch.
+    let mut foreign = client_for(
+        &CertificateAuthority::generate(td("east.example"), now(), DEFAULT_CA_TTL).unwrap(),
+        "spiffe://east.example/ns/demo/sa/x",
+    );
+    assert!(foreign.watch(WatchCatalogRequest {}).await.is_err());
     west_gw.shutdown(Duration::from_secs(2)).await;
     east_gw.shutdown(Duration::from_secs(2)).await;
 }

@@ -88,7 +88,11 @@ pub fn run(args: GatewayArgs, env: &dyn Environment) -> Result<(), Failure> {
         .enable_all()
         .build()
         .map_err(anyhow::Error::from)?;
-    runtime.block_on(serve(cfg, args.config.config.clone(), args.config.set.clone()))?;
+    runtime.block_on(serve(
+        cfg,
+        args.config.config.clone(),
+        args.config.set.clone(),
+    ))?;
     Ok(())
 }
 

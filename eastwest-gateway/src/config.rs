@@ -235,6 +235,10 @@ pub struct GatewayConfig {
     /// Plain-HTTP `/metrics` and `/healthz/*` (disabled when absent).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub metrics_listen: Option<SocketAddr>,
+    /// The local catalog API (gRPC over mTLS, own trust domain only) for DNS servers and node
+    /// agents (disabled when absent).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub catalog_listen: Option<SocketAddr>,
 }
 
 impl Default for GatewayConfig {
@@ -249,6 +253,7 @@ impl Default for GatewayConfig {
             services: Vec::new(),
             peering: PeeringConfig::default(),
             metrics_listen: None,
+            catalog_listen: None,
         }
     }
 }

@@ -12,9 +12,11 @@
 //! - [`peering`]: catalog exchange with peer gateways (snapshot, deltas, resume, staleness).
 //! - [`status`]: the status document (peers, services, VIPs, conflicts).
 //! - [`source`]: export sources (the configuration file, reloaded on change).
+//! - [`catalog_api`]: the local catalog API (gRPC) for DNS servers and node agents.
 //! - [`config`]: the gateway's configuration and exported services.
 //! - [`metrics`]: the `isthmus_gateway_*` metrics.
 
+pub mod catalog_api;
 pub mod config;
 pub mod dispatch;
 pub mod h2;

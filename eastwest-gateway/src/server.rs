@@ -105,6 +105,7 @@ pub(crate) fn tls_server_config(
 
 /// A running gateway.
 pub struct Gateway {
+    catalog_addr: Option<SocketAddr>,
     view: CatalogView,
     endpoint: quinn::Endpoint,
     addr: SocketAddr,
@@ -271,6 +272,40 @@ impl Gateway {
             ));
             imports.insert(peer.trust_domain.clone(), rx);
         }
+        // Every import or export change wakes the catalog's watchers.
+        let changed = Arc::new(tokio::sync::Notify::new());
+        for rx in imports.values() {
+            let (mut rx, changed, drain) = (rx.clone(), changed.clone(), drain.watch());
+            tasks.spawn(async move {
+                loop {
+                    tokio::select! {
+                        () = drain.signaled() => return,
+                        r = rx.changed() => {
+                            if r.is_err() {
+                                return;
+                            }
+                            changed.notify_waiters();
+                        }
+                    }
+                }
+            });
+        }
+        {
+            let (mut rx, changed, drain) = (exports.subscribe(), changed.clone(), drain.watch());
+            tasks.spawn(async move {
+                loop {
+                    tokio::select! {
+                        () = drain.signaled() => return,
+                        r = rx.changed() => {
+                            if r.is_err() {
+                                return;
+                            }
+                            changed.notify_waiters();
+                        }
+                    }
+                }
+            });
+        }
         tasks.spawn(accept_loop(
             endpoint.clone(),
             dispatcher.clone(),
@@ -279,17 +314,27 @@ impl Gateway {
             watch,
         ));
         tracing::info!(address = %addr, trust_domain = %own, cluster = %config.cluster, "gateway listening (QUIC on UDP, HTTP/2 CONNECT fallback on TCP)");
+        let view = CatalogView {
+            cluster: config.cluster.clone(),
+            addr,
+            dispatcher: dispatcher.clone(),
+            vips: Arc::new(std::sync::Mutex::new(vips)),
+            store,
+            exports,
+            imports,
+            staleness_budget: config.peering.staleness_budget.get(),
+            changed,
+        };
+        let catalog_addr = match config.catalog_listen {
+            Some(listen) => Some(
+                crate::catalog_api::serve(listen, &own, &identity, view.clone(), drain.watch())
+                    .await?,
+            ),
+            None => None,
+        };
         Ok(Self {
-            view: CatalogView {
-                cluster: config.cluster.clone(),
-                addr,
-                dispatcher: dispatcher.clone(),
-                vips: Arc::new(std::sync::Mutex::new(vips)),
-                store,
-                exports,
-                imports,
-                staleness_budget: config.peering.staleness_budget.get(),
-            },
+            catalog_addr,
+            view,
             endpoint,
             addr,
             dispatcher,
@@ -307,6 +352,11 @@ impl Gateway {
     /// The dispatcher (service table, limits, metrics).
     pub fn dispatcher(&self) -> &Dispatcher {
         &self.dispatcher
+    }
+
+    /// Where the local catalog API listens, if enabled.
+    pub fn catalog_addr(&self) -> Option<SocketAddr> {
+        self.catalog_addr
     }
 
     /// A cheap, cloneable view of the catalog and status (for admin endpoints and APIs).
@@ -383,9 +433,21 @@ pub struct CatalogView {
     exports: ExportLog,
     imports: BTreeMap<TrustDomain, tokio::sync::watch::Receiver<ImportedPeer>>,
     staleness_budget: Duration,
+    changed: Arc<tokio::sync::Notify>,
 }
 
 impl CatalogView {
+    /// Resolves when the catalog may have changed (local exports or any peer's imports), or
+    /// after `at_most` (staleness is a matter of time, not of messages).
+    pub async fn changed(&self, at_most: Duration) {
+        let _ = tokio::time::timeout(at_most, self.changed.notified()).await;
+    }
+
+    /// This cluster's name.
+    pub fn cluster(&self) -> &str {
+        &self.cluster
+    }
+
     /// Replaces the exported services: new streams use them at once, and peers receive the
     /// changes as deltas.
     pub fn replace_exports(&self, services: &[crate::config::ExportedService]) {

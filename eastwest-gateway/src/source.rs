@@ -102,7 +102,11 @@ impl FileExports {
 }
 
 /// Applies every export set `source` yields to the gateway's catalog view.
-pub async fn follow(source: &dyn ExportSource, view: crate::server::CatalogView, drain: DrainWatch) {
+pub async fn follow(
+    source: &dyn ExportSource,
+    view: crate::server::CatalogView,
+    drain: DrainWatch,
+) {
     let mut rx = source.subscribe();
     view.replace_exports(&rx.borrow_and_update());
     loop {
@@ -154,12 +158,19 @@ mod tests {
         // Make sure the modification time moves even on coarse file systems.
         tokio::time::sleep(Duration::from_millis(1100)).await;
         std::fs::write(&path, with_service("web")).unwrap();
-        tokio::time::timeout(Duration::from_secs(5), rx.changed()).await.unwrap().unwrap();
+        tokio::time::timeout(Duration::from_secs(5), rx.changed())
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(rx.borrow_and_update()[0].name, "web");
         // An invalid file (unknown field) is ignored.
         tokio::time::sleep(Duration::from_millis(1100)).await;
         std::fs::write(&path, format!("{}bogus = 1\n", with_service("api"))).unwrap();
-        assert!(tokio::time::timeout(Duration::from_millis(500), rx.changed()).await.is_err());
+        assert!(
+            tokio::time::timeout(Duration::from_millis(500), rx.changed())
+                .await
+                .is_err()
+        );
         assert_eq!(rx.borrow()[0].name, "web");
         drain.drain(Duration::from_secs(1)).await;
         std::fs::remove_dir_all(&dir).unwrap();
