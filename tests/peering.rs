@@ -184,8 +184,8 @@ async fn gateways_exchange_catalogs_and_survive_restarts() {
     );
     assert!(west_gw.status(now()).table().contains("demo/echo"));
 
-    // East exports web too, with a conflicting port: the oldest export wins (equal ages break
-    // by cluster name: east) and the conflict is visible.
+    // East exports web too, with a conflicting port: west's export is older and wins, and the
+    // conflict is visible.
     let mut web = service("web", "10.1.0.4");
     web.ports[0].port = 8080;
     east_gw.replace_exports(&[service("echo", "10.1.0.2"), service("api", "10.1.0.3"), web]);
@@ -429,4 +429,159 @@ async fn the_local_catalog_api_streams_services_with_vips_to_its_own_trust_domai
     assert!(foreign.watch(WatchCatalogRequest {}).await.is_err());
     west_gw.shutdown(Duration::from_secs(2)).await;
     east_gw.shutdown(Duration::from_secs(2)).await;
+}
+
+/// A port number free on 127.0.0.1 for both UDP (QUIC) and TCP (the fallback).
+fn free_port() -> u16 {
+    loop {
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = udp.local_addr().unwrap().port();
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
+async fn start_retrying(cfg: &GatewayConfig, identity: &GatewayIdentity) -> Gateway {
+    for _ in 0..50 {
+        match Gateway::start(cfg, identity.clone()).await {
+            Ok(gateway) => return gateway,
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    panic!("cannot start gateway {}", cfg.cluster);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_gateways_in_a_full_mesh() {
+    let trust = TrustStore::default();
+    let names = ["west", "east", "north"];
+    let domains: Vec<Domain> = names
+        .iter()
+        .map(|n| domain(&format!("{n}.example"), &trust))
+        .collect();
+    let ports: Vec<u16> = names.iter().map(|_| free_port()).collect();
+    let dirs: Vec<PathBuf> = names
+        .iter()
+        .map(|n| std::env::temp_dir().join(format!("isthmus-mesh-{n}-{}", std::process::id())))
+        .collect();
+    for dir in &dirs {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    let cfg = |i: usize, services: Vec<ExportedService>| {
+        let mut cfg = config(
+            &format!("{}.example", names[i]),
+            names[i],
+            None,
+            services,
+            Some(dirs[i].clone()),
+        );
+        cfg.listen = format!("127.0.0.1:{}", ports[i]).parse().unwrap();
+        for j in (0..names.len()).filter(|j| *j != i) {
+            let peer = td(&format!("{}.example", names[j]));
+            cfg.federated_trust_domains.push(peer.clone());
+            cfg.peering.peers.push(PeerConfig {
+                trust_domain: peer,
+                address: format!("127.0.0.1:{}", ports[j]).parse().unwrap(),
+            });
+        }
+        cfg
+    };
+    // West exports echo and a DNS service on 53/TCP.
+    let mut dns_west = service("dns", "10.0.0.53");
+    dns_west.ports[0] = ServicePort {
+        name: "dns".into(),
+        port: 53,
+        target_port: None,
+        protocol: "TCP".into(),
+    };
+    let west = start_retrying(
+        &cfg(0, vec![service("echo", "10.0.0.1"), dns_west]),
+        &domains[0].identity,
+    )
+    .await;
+    // A later export of the same port as UDP (north) conflicts; west's is older and wins.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let east = start_retrying(&cfg(1, vec![]), &domains[1].identity).await;
+    let mut dns_north = service("dns", "10.2.0.53");
+    dns_north.ports[0] = ServicePort {
+        name: "dns".into(),
+        port: 53,
+        target_port: None,
+        protocol: "UDP".into(),
+    };
+    let north_cfg = cfg(2, vec![dns_north]);
+    let north = start_retrying(&north_cfg, &domains[2].identity).await;
+
+    let gateways = [&west, &east, &north];
+    eventually("echo everywhere", || {
+        [&east, &north]
+            .iter()
+            .all(|g| endpoints_of(g, "west", "echo") == ["10.0.0.1"])
+    })
+    .await;
+    eventually("the conflict on every side", || {
+        gateways.iter().all(|g| {
+            g.catalog(now()).iter().any(|s| {
+                s.key.name == "dns"
+                    && s.ports.iter().any(|p| p.port == 53 && p.protocol == isthmus_core::catalog::Protocol::Tcp)
+                    && s.conflicts.iter().any(|c| matches!(c, isthmus_core::catalog::Conflict::Port { cluster, .. } if cluster == "north"))
+            })
+        })
+    })
+    .await;
+
+    // Endpoint changes propagate.
+    west.replace_exports(&[service("echo", "10.0.0.2")]);
+    eventually("the change everywhere", || {
+        [&east, &north]
+            .iter()
+            .all(|g| endpoints_of(g, "west", "echo") == ["10.0.0.2"])
+    })
+    .await;
+
+    // North stops: its endpoints are withdrawn after the staleness budget, on every side.
+    north.shutdown(Duration::from_secs(2)).await;
+    assert_eq!(
+        endpoints_of(&west, "north", "dns"),
+        ["10.2.0.53"],
+        "kept within the budget"
+    );
+    eventually("north withdrawn", || {
+        [&west, &east]
+            .iter()
+            .all(|g| endpoints_of(g, "north", "dns").is_empty())
+    })
+    .await;
+    // North comes back, restored from disk before it reconnects: it serves west's echo at once.
+    let north = start_retrying(&north_cfg, &domains[2].identity).await;
+    assert_eq!(
+        endpoints_of(&north, "west", "echo"),
+        ["10.0.0.2"],
+        "served from disk"
+    );
+    eventually("north resynced", || {
+        [&west, &east]
+            .iter()
+            .all(|g| endpoints_of(g, "north", "dns") == ["10.2.0.53"])
+    })
+    .await;
+    // No duplicates or ghosts: exactly the exports that exist.
+    for g in [&west, &east, &north] {
+        let catalog = g.catalog(now());
+        let names: Vec<_> = catalog.iter().map(|s| s.key.name.as_str()).collect();
+        assert_eq!(names, ["dns", "echo"], "{}", g.status(now()).table());
+        let dns = catalog.iter().find(|s| s.key.name == "dns").unwrap();
+        assert_eq!(
+            dns.endpoints.keys().map(String::as_str).collect::<Vec<_>>(),
+            ["north"]
+        );
+        assert_eq!(dns.endpoints["north"].len(), 1);
+    }
+    for g in [west, east, north] {
+        g.shutdown(Duration::from_secs(2)).await;
+    }
+    for dir in dirs {
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }

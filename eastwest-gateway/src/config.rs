@@ -45,7 +45,8 @@ pub struct ServicePort {
     /// The port endpoints listen on (defaults to `port`).
     #[serde(default)]
     pub target_port: Option<u16>,
-    /// `TCP` (the only protocol tunnelled today).
+    /// `TCP`, `UDP` or `SCTP`. Only TCP ports are tunnelled; the others are published in the
+    /// catalog (DNS SRV records) but have no data path yet.
     #[serde(default = "default_protocol")]
     pub protocol: String,
 }
@@ -104,7 +105,11 @@ impl ExportedService {
                 .iter()
                 .map(|p| PortSpec {
                     name: p.name.clone(),
-                    protocol: Protocol::Tcp,
+                    protocol: match p.protocol.as_str() {
+                        "UDP" => Protocol::Udp,
+                        "SCTP" => Protocol::Sctp,
+                        _ => Protocol::Tcp,
+                    },
                     port: p.port,
                 })
                 .collect(),
@@ -379,10 +384,10 @@ impl Validate for GatewayConfig {
                         "must not be 0",
                     ));
                 }
-                if port.protocol != "TCP" {
+                if !matches!(port.protocol.as_str(), "TCP" | "UDP" | "SCTP") {
                     return Err(ConfigError::validation(
                         field(&format!("ports[{j}].protocol")),
-                        format!("{:?}: only TCP is tunnelled", port.protocol),
+                        format!("{:?} is not TCP, UDP or SCTP", port.protocol),
                     ));
                 }
             }

@@ -226,6 +226,7 @@ impl ServiceTable {
             let ports = svc
                 .ports
                 .iter()
+                .filter(|p| p.protocol == "TCP")
                 .map(|p| {
                     let target = p.target_port.unwrap_or(p.port);
                     let set = EndpointSet::new(ready.iter().map(|ip| SocketAddr::new(*ip, target)));

@@ -487,6 +487,41 @@ impl ImportStore {
         Ok(())
     }
 
+    /// When each local export was first seen (its creation time for conflict resolution).
+    pub fn load_created(&self) -> Result<Vec<(ServiceKey, OffsetDateTime)>, PeeringError> {
+        match self.db.open_tree("created")?.get(b"exports")? {
+            None => Ok(Vec::new()),
+            Some(bytes) => {
+                let list: Vec<(ServiceKey, i128)> = serde_json::from_slice(&bytes)
+                    .map_err(|e| PeeringError::Malformed(format!("stored creation times: {e}")))?;
+                Ok(list
+                    .into_iter()
+                    .filter_map(|(k, nanos)| {
+                        OffsetDateTime::from_unix_timestamp_nanos(nanos)
+                            .ok()
+                            .map(|t| (k, t))
+                    })
+                    .collect())
+            }
+        }
+    }
+
+    /// Stores the creation times of local exports durably.
+    pub fn save_created(
+        &self,
+        created: &[(ServiceKey, OffsetDateTime)],
+    ) -> Result<(), PeeringError> {
+        let list: Vec<(&ServiceKey, i128)> = created
+            .iter()
+            .map(|(k, t)| (k, t.unix_timestamp_nanos()))
+            .collect();
+        let bytes =
+            serde_json::to_vec(&list).map_err(|e| PeeringError::Malformed(e.to_string()))?;
+        self.db.open_tree("created")?.insert(b"exports", bytes)?;
+        self.db.flush()?;
+        Ok(())
+    }
+
     /// Stores the imports of `peer` durably.
     pub fn save(&self, peer: &TrustDomain, imported: &ImportedPeer) -> Result<(), PeeringError> {
         let bytes =

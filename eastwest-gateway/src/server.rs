@@ -192,13 +192,6 @@ impl Gateway {
             drain.watch(),
         ));
         let exports = ExportLog::new(time::OffsetDateTime::now_utc().unix_timestamp_nanos() as u64);
-        exports.replace_all(
-            config
-                .services
-                .iter()
-                .map(|s| s.to_catalog(&config.cluster))
-                .collect(),
-        );
         let peering = Arc::new(PeeringServe {
             cluster: config.cluster.clone(),
             log: exports.clone(),
@@ -225,6 +218,14 @@ impl Gateway {
                     .map_err(|e| GatewayError::Tls(e.to_string()))?,
             );
         }
+        let created: BTreeMap<_, _> = match &store {
+            Some(store) => store
+                .load_created()
+                .map_err(|e| GatewayError::Tls(e.to_string()))?
+                .into_iter()
+                .collect(),
+            None => BTreeMap::new(),
+        };
         let mut imports = BTreeMap::new();
         for peer in &config.peering.peers {
             let stored = match &store {
@@ -324,7 +325,9 @@ impl Gateway {
             imports,
             staleness_budget: config.peering.staleness_budget.get(),
             changed,
+            created: Arc::new(std::sync::Mutex::new(created)),
         };
+        view.replace_exports(&config.services);
         let catalog_addr = match config.catalog_listen {
             Some(listen) => Some(
                 crate::catalog_api::serve(listen, &own, &identity, view.clone(), drain.watch())
@@ -434,6 +437,8 @@ pub struct CatalogView {
     imports: BTreeMap<TrustDomain, tokio::sync::watch::Receiver<ImportedPeer>>,
     staleness_budget: Duration,
     changed: Arc<tokio::sync::Notify>,
+    created:
+        Arc<std::sync::Mutex<BTreeMap<isthmus_core::catalog::ServiceKey, time::OffsetDateTime>>>,
 }
 
 impl CatalogView {
@@ -450,14 +455,37 @@ impl CatalogView {
 
     /// Replaces the exported services: new streams use them at once, and peers receive the
     /// changes as deltas.
+    ///
+    /// An export's creation time (the oldest export wins conflicts across clusters) is when
+    /// this gateway first exported it, persisted with the imports; a service that stops being
+    /// exported and comes back is a new export.
     pub fn replace_exports(&self, services: &[crate::config::ExportedService]) {
         self.dispatcher.replace_services(services);
-        self.exports.replace_all(
-            services
-                .iter()
-                .map(|s| s.to_catalog(&self.cluster))
-                .collect(),
-        );
+        let now = time::OffsetDateTime::now_utc();
+        let mut created = self
+            .created
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let before = created.clone();
+        let exports: Vec<_> = services
+            .iter()
+            .map(|s| {
+                let mut export = s.to_catalog(&self.cluster);
+                export.created = *created.entry(export.key.clone()).or_insert(now);
+                export
+            })
+            .collect();
+        created.retain(|key, _| exports.iter().any(|e| &e.key == key));
+        if *created != before
+            && let Some(store) = &self.store
+        {
+            let list: Vec<_> = created.iter().map(|(k, t)| (k.clone(), *t)).collect();
+            if let Err(e) = store.save_created(&list) {
+                tracing::warn!(error = %e, "cannot persist export creation times");
+            }
+        }
+        drop(created);
+        self.exports.replace_all(exports);
     }
 
     /// What this gateway holds of each peer, with `connected` as of now.
