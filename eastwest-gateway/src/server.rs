@@ -241,8 +241,12 @@ impl Gateway {
                 last_seen: None,
                 connected: false,
             });
+            // Imports restored from disk get a fresh staleness budget from this start: this
+            // gateway, not the peer, was away, and the peer has that long to reconnect.
+            let restored_at = initial.last_seen.map(|_| time::OffsetDateTime::now_utc());
             let (tx, rx) = tokio::sync::watch::channel(ImportedPeer {
                 connected: false,
+                last_seen: restored_at,
                 ..initial
             });
             let client_tls = isthmus_core::tls::client_config(&MtlsSettings {
