@@ -20,23 +20,23 @@ use time::OffsetDateTime;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
-const GATEWAY_ID: &str = "spiffe://east.example/ns/isthmus-system/sa/eastwest-gateway";
-const CLIENT_ID: &str = "spiffe://west.example/ns/demo/sa/client";
+pub(crate) const GATEWAY_ID: &str = "spiffe://east.example/ns/isthmus-system/sa/eastwest-gateway";
+pub(crate) const CLIENT_ID: &str = "spiffe://west.example/ns/demo/sa/client";
 
-fn id(s: &str) -> SpiffeId {
+pub(crate) fn id(s: &str) -> SpiffeId {
     SpiffeId::parse(s).unwrap()
 }
 
-fn td(s: &str) -> TrustDomain {
+pub(crate) fn td(s: &str) -> TrustDomain {
     TrustDomain::new(s).unwrap()
 }
 
-fn now() -> OffsetDateTime {
+pub(crate) fn now() -> OffsetDateTime {
     OffsetDateTime::now_utc()
 }
 
 /// A backend that echoes until EOF, then closes.
-async fn echo_backend() -> SocketAddr {
+pub(crate) async fn echo_backend() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -124,15 +124,15 @@ impl Checksum {
     }
 }
 
-struct World {
-    west: CertificateAuthority,
-    east: CertificateAuthority,
-    trust: TrustStore,
-    gateway_svid: SvidSource,
+pub(crate) struct World {
+    pub(crate) west: CertificateAuthority,
+    pub(crate) east: CertificateAuthority,
+    pub(crate) trust: TrustStore,
+    pub(crate) gateway_svid: SvidSource,
 }
 
 impl World {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let west =
             CertificateAuthority::generate(td("west.example"), now(), DEFAULT_CA_TTL).unwrap();
         let east =
@@ -151,7 +151,7 @@ impl World {
         }
     }
 
-    fn config(&self, services: Vec<ExportedService>) -> GatewayConfig {
+    pub(crate) fn config(&self, services: Vec<ExportedService>) -> GatewayConfig {
         GatewayConfig {
             trust_domain: Some(td("east.example")),
             cluster: "east".into(),
@@ -162,7 +162,7 @@ impl World {
         }
     }
 
-    async fn gateway(&self, config: &GatewayConfig) -> Gateway {
+    pub(crate) async fn gateway(&self, config: &GatewayConfig) -> Gateway {
         Gateway::start(
             config,
             GatewayIdentity {
@@ -174,11 +174,13 @@ impl World {
         .unwrap()
     }
 
-    fn client_as(
+    /// A client for `spiffe_id` (issued by `ca`) trusting `trust`, with `options`.
+    pub(crate) fn client_with(
         &self,
         ca: &CertificateAuthority,
         spiffe_id: &str,
         trust: TrustStore,
+        options: TunnelClientOptions,
     ) -> TunnelClient {
         let settings = MtlsSettings {
             svid: SvidSource::new(
@@ -191,12 +193,16 @@ impl World {
             alpn: vec![],
             observer: None,
         };
-        TunnelClient::new(
-            &settings,
-            "127.0.0.1:0".parse().unwrap(),
-            TunnelClientOptions::default(),
-        )
-        .unwrap()
+        TunnelClient::new(&settings, "127.0.0.1:0".parse().unwrap(), options).unwrap()
+    }
+
+    fn client_as(
+        &self,
+        ca: &CertificateAuthority,
+        spiffe_id: &str,
+        trust: TrustStore,
+    ) -> TunnelClient {
+        self.client_with(ca, spiffe_id, trust, TunnelClientOptions::default())
     }
 
     fn client(&self) -> TunnelClient {
@@ -204,7 +210,7 @@ impl World {
     }
 }
 
-fn service(name: &str, backend: SocketAddr, allow: Vec<AllowRule>) -> ExportedService {
+pub(crate) fn service(name: &str, backend: SocketAddr, allow: Vec<AllowRule>) -> ExportedService {
     ExportedService {
         namespace: "demo".into(),
         name: name.into(),
@@ -222,7 +228,7 @@ fn service(name: &str, backend: SocketAddr, allow: Vec<AllowRule>) -> ExportedSe
     }
 }
 
-fn target(name: &str) -> Target {
+pub(crate) fn target(name: &str) -> Target {
     Target {
         namespace: "demo".into(),
         service: name.into(),

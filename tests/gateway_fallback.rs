@@ -9,57 +9,18 @@
 //! to end between client and gateway; no seam in the gateway or the client is needed.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use isthmus_api::tunnel::{ResultCode, Target};
 use isthmus_api::tunnel_client::{
     Transport, TransportPolicy, TunnelClient, TunnelClientOptions, TunnelError,
 };
-use isthmus_core::ca::{CertificateAuthority, DEFAULT_CA_TTL, DEFAULT_LEAF_TTL};
-use isthmus_core::tls::{AllowIds, MtlsSettings};
-use isthmus_core::{SpiffeId, SvidSource, TrustDomain, TrustStore};
-use isthmus_gateway::config::{
-    AllowRule, EndpointConfig, ExportedService, GatewayConfig, ServicePort,
-};
-use isthmus_gateway::server::{Gateway, GatewayIdentity};
-use time::OffsetDateTime;
+use isthmus_core::ca::{CertificateAuthority, DEFAULT_CA_TTL};
+use isthmus_gateway::config::AllowRule;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
-const GATEWAY_ID: &str = "spiffe://east.example/ns/isthmus-system/sa/eastwest-gateway";
-const CLIENT_ID: &str = "spiffe://west.example/ns/demo/sa/client";
-
-fn id(s: &str) -> SpiffeId {
-    SpiffeId::parse(s).unwrap()
-}
-
-fn td(s: &str) -> TrustDomain {
-    TrustDomain::new(s).unwrap()
-}
-
-fn now() -> OffsetDateTime {
-    OffsetDateTime::now_utc()
-}
-
-/// A backend that echoes until EOF, then closes.
-async fn echo_backend() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut tcp, _)) = listener.accept().await else {
-                return;
-            };
-            tokio::spawn(async move {
-                let (mut r, mut w) = tcp.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-                let _ = w.shutdown().await;
-            });
-        }
-    });
-    addr
-}
+use crate::gateway::{CLIENT_ID, World, echo_backend, id, now, service, target, td};
 
 /// A port number whose UDP side swallows every datagram and whose TCP side relays to
 /// `gateway`'s TCP fallback. Returns the address and the black-hole socket (keep it alive).
@@ -87,77 +48,24 @@ async fn udp_blackhole_with_tcp_relay(gateway: SocketAddr) -> (SocketAddr, std::
     panic!("no free UDP/TCP port pair on 127.0.0.1");
 }
 
-struct World {
-    west: CertificateAuthority,
-    trust: TrustStore,
-    gateway_svid: SvidSource,
+/// A west workload client with `transport`.
+fn west_client(world: &World, transport: TransportPolicy) -> TunnelClient {
+    world.client_with(
+        &world.west,
+        CLIENT_ID,
+        world.trust.clone(),
+        options(transport),
+    )
 }
 
-impl World {
-    fn new() -> Self {
-        let west =
-            CertificateAuthority::generate(td("west.example"), now(), DEFAULT_CA_TTL).unwrap();
-        let east =
-            CertificateAuthority::generate(td("east.example"), now(), DEFAULT_CA_TTL).unwrap();
-        let trust = TrustStore::from_bundles([west.bundle(), east.bundle()]);
-        let gateway_svid = SvidSource::new(
-            east.issue_svid(&id(GATEWAY_ID), DEFAULT_LEAF_TTL, now())
-                .unwrap(),
-        )
-        .unwrap();
-        Self {
-            west,
-            trust,
-            gateway_svid,
-        }
-    }
-
-    fn config(&self, services: Vec<ExportedService>) -> GatewayConfig {
-        GatewayConfig {
-            trust_domain: Some(td("east.example")),
-            cluster: "east".into(),
-            listen: "127.0.0.1:0".parse().unwrap(),
-            federated_trust_domains: vec![td("west.example")],
-            services,
-            ..GatewayConfig::default()
-        }
-    }
-
-    async fn gateway(&self, config: &GatewayConfig) -> Gateway {
-        Gateway::start(
-            config,
-            GatewayIdentity {
-                svid: self.gateway_svid.clone(),
-                trust: self.trust.clone(),
-            },
-        )
-        .await
-        .unwrap()
-    }
-
-    fn client_as(
-        &self,
-        ca: &CertificateAuthority,
-        spiffe_id: &str,
-        options: TunnelClientOptions,
-    ) -> TunnelClient {
-        let settings = MtlsSettings {
-            svid: SvidSource::new(
-                ca.issue_svid(&id(spiffe_id), DEFAULT_LEAF_TTL, now())
-                    .unwrap(),
-            )
-            .unwrap(),
-            trust: self.trust.clone(),
-            authorizer: Arc::new(AllowIds(vec![id(GATEWAY_ID)])),
-            alpn: vec![],
-            observer: None,
-        };
-        TunnelClient::new(&settings, "127.0.0.1:0".parse().unwrap(), options).unwrap()
-    }
-
-    fn client(&self, transport: TransportPolicy) -> TunnelClient {
-        self.client_as(&self.west, CLIENT_ID, options(transport))
-    }
+/// A client for any identity with explicit options.
+fn client_as(
+    world: &World,
+    ca: &CertificateAuthority,
+    spiffe_id: &str,
+    options: TunnelClientOptions,
+) -> TunnelClient {
+    world.client_with(ca, spiffe_id, world.trust.clone(), options)
 }
 
 fn options(transport: TransportPolicy) -> TunnelClientOptions {
@@ -166,33 +74,6 @@ fn options(transport: TransportPolicy) -> TunnelClientOptions {
         handshake_timeout: Duration::from_millis(500),
         transport,
         ..TunnelClientOptions::default()
-    }
-}
-
-fn service(name: &str, backend: SocketAddr, allow: Vec<AllowRule>) -> ExportedService {
-    ExportedService {
-        namespace: "demo".into(),
-        name: name.into(),
-        ports: vec![ServicePort {
-            name: "tcp".into(),
-            port: 80,
-            target_port: Some(backend.port()),
-            protocol: "TCP".into(),
-        }],
-        endpoints: vec![EndpointConfig {
-            address: backend.ip(),
-            ready: true,
-        }],
-        allow,
-    }
-}
-
-fn target(name: &str) -> Target {
-    Target {
-        namespace: "demo".into(),
-        service: name.into(),
-        port: 80,
-        cluster: None,
     }
 }
 
@@ -218,7 +99,7 @@ async fn auto_falls_back_to_tcp_when_udp_is_unavailable_and_remembers() {
         .gateway(&world.config(vec![service("echo", echo_backend().await, vec![])]))
         .await;
     let (blocked, _blackhole) = udp_blackhole_with_tcp_relay(gateway.addr()).await;
-    let client = world.client(TransportPolicy::Auto);
+    let client = west_client(&world, TransportPolicy::Auto);
     assert_eq!(client.quic_retry_at(blocked), None);
 
     let transport = echo_round(&client, blocked, b"over TCP after the QUIC timeout").await;
@@ -274,7 +155,7 @@ async fn quic_only_does_not_fall_back() {
         .gateway(&world.config(vec![service("echo", echo_backend().await, vec![])]))
         .await;
     let (blocked, _blackhole) = udp_blackhole_with_tcp_relay(gateway.addr()).await;
-    let client = world.client(TransportPolicy::QuicOnly);
+    let client = west_client(&world, TransportPolicy::QuicOnly);
     let e = refusal(client.open(blocked, target("echo")).await);
     assert!(matches!(e, TunnelError::Connect { .. }), "{e}");
     assert_eq!(client.quic_retry_at(blocked), None);
@@ -303,7 +184,7 @@ async fn refusals_over_h2_carry_the_result_code() {
     ]);
     config.limits.max_streams_per_peer = 1;
     let gateway = world.gateway(&config).await;
-    let client = world.client(TransportPolicy::TcpOnly);
+    let client = west_client(&world, TransportPolicy::TcpOnly);
     let addr = gateway.addr();
 
     let e = refusal(client.open(addr, target("nope")).await);
@@ -405,7 +286,7 @@ async fn half_close_in_each_direction_over_h2() {
             service("writer", writer_addr, vec![]),
         ]))
         .await;
-    let client = world.client(TransportPolicy::TcpOnly);
+    let client = west_client(&world, TransportPolicy::TcpOnly);
 
     let mut a = client.open(gateway.addr(), target("reader")).await.unwrap();
     a.write_all(b"12345").await.unwrap();
@@ -440,7 +321,8 @@ async fn unfederated_peers_are_refused_at_the_tls_handshake_over_tcp() {
     let gateway = world
         .gateway(&world.config(vec![service("echo", echo_backend().await, vec![])]))
         .await;
-    let intruder = world.client_as(
+    let intruder = client_as(
+        &world,
         &south,
         "spiffe://south.example/ns/demo/sa/client",
         options(TransportPolicy::TcpOnly),
@@ -457,7 +339,7 @@ async fn unfederated_peers_are_refused_at_the_tls_handshake_over_tcp() {
         "no connection or stream was counted for the intruder:\n{metrics}"
     );
     // A west workload still gets in over TCP.
-    let client = world.client(TransportPolicy::TcpOnly);
+    let client = west_client(&world, TransportPolicy::TcpOnly);
     assert_eq!(
         echo_round(&client, gateway.addr(), b"federated").await,
         Transport::H2
@@ -474,7 +356,7 @@ async fn drain_finishes_in_flight_h2_streams_and_refuses_new_ones() {
         .gateway(&world.config(vec![service("echo", echo_backend().await, vec![])]))
         .await;
     let addr = gateway.addr();
-    let client = world.client(TransportPolicy::TcpOnly);
+    let client = west_client(&world, TransportPolicy::TcpOnly);
     let mut live = client.open(addr, target("echo")).await.unwrap();
     live.write_all(b"ping").await.unwrap();
     let shutdown = tokio::spawn(gateway.shutdown(Duration::from_secs(10)));
@@ -494,7 +376,7 @@ async fn drain_finishes_in_flight_h2_streams_and_refuses_new_ones() {
     .unwrap();
     assert_eq!(refused.refusal(), Some(ResultCode::Overloaded), "{refused}");
     // New TCP connections are not accepted.
-    let late = world.client(TransportPolicy::TcpOnly);
+    let late = west_client(&world, TransportPolicy::TcpOnly);
     let e = refusal(late.open(addr, target("echo")).await);
     assert!(matches!(e, TunnelError::Connect { .. }), "{e}");
     // The in-flight stream still works and completes.
@@ -521,7 +403,7 @@ async fn bulk_echo_over_h2_respects_flow_control() {
     let gateway = world
         .gateway(&world.config(vec![service("echo", echo_backend().await, vec![])]))
         .await;
-    let client = world.client(TransportPolicy::TcpOnly);
+    let client = west_client(&world, TransportPolicy::TcpOnly);
     let stream = client.open(gateway.addr(), target("echo")).await.unwrap();
     // More than both HTTP/2 windows in flight, written and read concurrently.
     const TOTAL: usize = 96 * 1024 * 1024;

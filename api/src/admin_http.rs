@@ -18,6 +18,19 @@ use tokio::net::TcpListener;
 /// Produces the metrics text on each scrape.
 pub type MetricsText = Arc<dyn Fn() -> String + Send + Sync>;
 
+/// The scrape function of a shared registry.
+pub fn registry_text(
+    registry: Arc<std::sync::Mutex<isthmus_core::telemetry::MetricsRegistry>>,
+) -> MetricsText {
+    Arc::new(move || {
+        registry
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .encode_text()
+            .unwrap_or_default()
+    })
+}
+
 fn respond(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;

@@ -133,14 +133,7 @@ async fn serve(
         let listener = tokio::net::TcpListener::bind(listen)
             .await
             .with_context(|| format!("metrics_listen {listen}"))?;
-        let registry = gateway.metrics_registry();
-        let text: isthmus_api::admin_http::MetricsText = Arc::new(move || {
-            registry
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .encode_text()
-                .unwrap_or_default()
-        });
+        let text = isthmus_api::admin_http::registry_text(gateway.metrics_registry());
         let view = gateway.view();
         let status: isthmus_api::admin_http::MetricsText = Arc::new(move || {
             serde_json::to_string_pretty(&view.status(time::OffsetDateTime::now_utc()))

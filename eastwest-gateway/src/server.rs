@@ -280,37 +280,13 @@ impl Gateway {
         // Every import or export change wakes the catalog's watchers.
         let changed = Arc::new(tokio::sync::Notify::new());
         for rx in imports.values() {
-            let (mut rx, changed, drain) = (rx.clone(), changed.clone(), drain.watch());
-            tasks.spawn(async move {
-                loop {
-                    tokio::select! {
-                        () = drain.signaled() => return,
-                        r = rx.changed() => {
-                            if r.is_err() {
-                                return;
-                            }
-                            changed.notify_waiters();
-                        }
-                    }
-                }
-            });
+            tasks.spawn(forward_changes(rx.clone(), changed.clone(), drain.watch()));
         }
-        {
-            let (mut rx, changed, drain) = (exports.subscribe(), changed.clone(), drain.watch());
-            tasks.spawn(async move {
-                loop {
-                    tokio::select! {
-                        () = drain.signaled() => return,
-                        r = rx.changed() => {
-                            if r.is_err() {
-                                return;
-                            }
-                            changed.notify_waiters();
-                        }
-                    }
-                }
-            });
-        }
+        tasks.spawn(forward_changes(
+            exports.subscribe(),
+            changed.clone(),
+            drain.watch(),
+        ));
         tasks.spawn(accept_loop(
             endpoint.clone(),
             dispatcher.clone(),
@@ -614,6 +590,25 @@ impl CatalogView {
             active_streams: self.dispatcher.active_streams(),
             peers,
             services,
+        }
+    }
+}
+
+/// Wakes the catalog's watchers whenever `rx` changes.
+async fn forward_changes<T>(
+    mut rx: tokio::sync::watch::Receiver<T>,
+    changed: Arc<tokio::sync::Notify>,
+    drain: DrainWatch,
+) {
+    loop {
+        tokio::select! {
+            () = drain.signaled() => return,
+            r = rx.changed() => {
+                if r.is_err() {
+                    return;
+                }
+                changed.notify_waiters();
+            }
         }
     }
 }

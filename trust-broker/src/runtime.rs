@@ -428,14 +428,7 @@ impl Broker {
                         source,
                     })?;
             broker.metrics_addr = listener.local_addr().ok();
-            let registry = broker.metrics.clone();
-            let text: isthmus_api::admin_http::MetricsText = Arc::new(move || {
-                registry
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .encode_text()
-                    .unwrap_or_default()
-            });
+            let text = isthmus_api::admin_http::registry_text(broker.metrics.clone());
             broker.tasks.spawn(isthmus_api::admin_http::serve(
                 listener,
                 text,
