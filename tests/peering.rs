@@ -578,6 +578,30 @@ async fn three_gateways_in_a_full_mesh() {
         );
         assert_eq!(dns.endpoints["north"].len(), 1);
     }
+    // A gateway of a trust domain nobody federates with is refused at the handshake and
+    // imports nothing.
+    let south = domain("south.example", &trust);
+    let mut south_cfg = config("south.example", "south", None, vec![], None);
+    south_cfg.federated_trust_domains = vec![td("west.example")];
+    south_cfg.peering.peers = vec![PeerConfig {
+        trust_domain: td("west.example"),
+        address: format!("127.0.0.1:{}", ports[0]).parse().unwrap(),
+    }];
+    let south_gw = Gateway::start(&south_cfg, south.identity.clone())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let imported = &south_gw.imports()[&td("west.example")];
+    assert!(
+        imported.exports.is_empty() && !imported.connected,
+        "{imported:?}"
+    );
+    assert!(
+        west.catalog(now())
+            .iter()
+            .all(|s| !s.endpoints.contains_key("south"))
+    );
+    south_gw.shutdown(Duration::from_secs(2)).await;
     for g in [west, east, north] {
         g.shutdown(Duration::from_secs(2)).await;
     }
