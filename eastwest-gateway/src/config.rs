@@ -89,9 +89,9 @@ pub struct ExportedService {
 }
 
 impl ExportedService {
-    /// This export in the catalog model, as `cluster` publishes it to peers. File exports
-    /// carry no creation time: they all date from the Unix epoch, so conflicts between them
-    /// resolve by cluster name, the same way in every cluster.
+    /// This export in the catalog model, as `cluster` publishes it to peers. The creation time
+    /// is left at the Unix epoch here; the gateway replaces it with the time it first exported
+    /// the service (`CatalogView::replace_exports`).
     pub fn to_catalog(&self, cluster: &str) -> isthmus_core::catalog::ServiceExport {
         use isthmus_core::catalog::{
             Affinity, Endpoint, PortSpec, Protocol, ServiceKey, ServiceType,
@@ -378,9 +378,15 @@ impl Validate for GatewayConfig {
                 ));
             }
             for (j, port) in svc.ports.iter().enumerate() {
-                if port.port == 0 || port.target_port == Some(0) {
+                if port.port == 0 {
                     return Err(ConfigError::validation(
                         field(&format!("ports[{j}].port")),
+                        "must not be 0",
+                    ));
+                }
+                if port.target_port == Some(0) {
+                    return Err(ConfigError::validation(
+                        field(&format!("ports[{j}].target_port")),
                         "must not be 0",
                     ));
                 }

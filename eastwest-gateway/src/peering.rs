@@ -532,6 +532,9 @@ impl ImportStore {
     }
 }
 
+/// First delay before reconnecting to a peer; doubles up to 10 s while connections fail.
+const INITIAL_BACKOFF: Duration = Duration::from_millis(200);
+
 /// A configured peer gateway.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -552,6 +555,10 @@ impl PeerConfig {
 /// Follows one peer: subscribes, applies snapshots and deltas, persists every change, and
 /// reconnects with back-off, resuming where it left off. `state` always holds the latest
 /// view (including `connected`).
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one follower task owns each of these"
+)]
 pub async fn follow_peer(
     own_cluster: String,
     peer: PeerConfig,
@@ -559,14 +566,19 @@ pub async fn follow_peer(
     config: quinn::ClientConfig,
     store: Option<ImportStore>,
     state: watch::Sender<ImportedPeer>,
+    heartbeat: Duration,
     drain: isthmus_core::lifecycle::DrainWatch,
 ) {
-    let mut backoff = Duration::from_millis(200);
+    let mut backoff = INITIAL_BACKOFF;
     loop {
         let result = tokio::select! {
             () = drain.signaled() => return,
-            r = follow_once(&own_cluster, &peer, &client, &config, store.as_ref(), &state) => r,
+            r = follow_once(&own_cluster, &peer, &client, &config, store.as_ref(), &state, heartbeat) => r,
         };
+        // A stream that delivered anything was a success: start the back-off over.
+        if state.borrow().connected {
+            backoff = INITIAL_BACKOFF;
+        }
         state.send_modify(|s| s.connected = false);
         if let Err(e) = result {
             tracing::warn!(peer = %peer.trust_domain, error = %e, "peering lost; will resume");
@@ -586,6 +598,7 @@ async fn follow_once(
     config: &quinn::ClientConfig,
     store: Option<&ImportStore>,
     state: &watch::Sender<ImportedPeer>,
+    heartbeat: Duration,
 ) -> Result<(), PeeringError> {
     let io = |e: &dyn std::fmt::Display| PeeringError::Io(e.to_string());
     let conn = client
@@ -604,7 +617,11 @@ async fn follow_once(
     )
     .await?;
     loop {
-        let message = read_frame(&mut recv).await?;
+        // The exporter sends at least a heartbeat per interval; three missed ones mean it is
+        // gone even if the QUIC connection has not timed out yet.
+        let message = tokio::time::timeout(heartbeat * 3, read_frame(&mut recv))
+            .await
+            .map_err(|_| PeeringError::Io("no heartbeat from the peer".into()))??;
         let mut next = state.borrow().clone();
         next.apply(message, OffsetDateTime::now_utc())?;
         next.connected = true;

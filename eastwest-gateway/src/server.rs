@@ -37,6 +37,9 @@ pub enum GatewayError {
     /// TLS material is unusable.
     #[error("TLS: {0}")]
     Tls(String),
+    /// The import store (`peering.data_dir`) cannot be used.
+    #[error("import store: {0}")]
+    Store(String),
     /// A listener could not be bound.
     #[error("cannot listen on {address}: {source}")]
     Listen {
@@ -205,23 +208,28 @@ impl Gateway {
         });
         let store = match &config.peering.data_dir {
             Some(dir) => {
-                Some(ImportStore::open(dir).map_err(|e| GatewayError::Tls(e.to_string()))?)
+                Some(ImportStore::open(dir).map_err(|e| GatewayError::Store(e.to_string()))?)
             }
             None => None,
         };
         let mut vips = isthmus_core::catalog::VipAllocator::new(&config.peering.vip_range)
-            .map_err(|e| GatewayError::Tls(e.to_string()))?;
+            .map_err(|e| {
+                GatewayError::Config(isthmus_core::config::ConfigError::validation(
+                    "peering.vip_range",
+                    e.to_string(),
+                ))
+            })?;
         if let Some(store) = &store {
             vips.restore(
                 store
                     .load_vips()
-                    .map_err(|e| GatewayError::Tls(e.to_string()))?,
+                    .map_err(|e| GatewayError::Store(e.to_string()))?,
             );
         }
         let created: BTreeMap<_, _> = match &store {
             Some(store) => store
                 .load_created()
-                .map_err(|e| GatewayError::Tls(e.to_string()))?
+                .map_err(|e| GatewayError::Store(e.to_string()))?
                 .into_iter()
                 .collect(),
             None => BTreeMap::new(),
@@ -231,7 +239,7 @@ impl Gateway {
             let stored = match &store {
                 Some(store) => store
                     .load(&peer.trust_domain)
-                    .map_err(|e| GatewayError::Tls(e.to_string()))?,
+                    .map_err(|e| GatewayError::Store(e.to_string()))?,
                 None => None,
             };
             let initial = stored.unwrap_or(ImportedPeer {
@@ -273,6 +281,7 @@ impl Gateway {
                 client,
                 store.clone(),
                 tx,
+                config.peering.heartbeat.get(),
                 drain.watch(),
             ));
             imports.insert(peer.trust_domain.clone(), rx);
