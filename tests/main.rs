@@ -9,6 +9,7 @@
 mod support;
 
 mod broker;
+mod broker_client;
 mod broker_durability;
 mod federation;
 mod gateway;

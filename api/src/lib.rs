@@ -3,6 +3,7 @@
 //!
 //! - [`catalog`]: the `isthmus.catalog.v1` local catalog API.
 //! - [`broker`]: the `isthmus.broker.v1` messages, clients and servers.
+//! - [`broker_client`]: node attestation, SVID renewal and the bundle stream, client side.
 //! - [`admin_http`]: `/metrics` and `/healthz/*` over plain HTTP.
 //! - [`tunnel`]: the `isthmus/1` stream header codec between clients and gateways.
 //! - [`tunnel_client`]: the pooled client that opens tunnels through gateways (QUIC, with
@@ -10,6 +11,7 @@
 //! - [`transport`]: SPIFFE-mTLS incoming connections and channels for tonic.
 
 pub mod admin_http;
+pub mod broker_client;
 pub mod transport;
 pub mod tunnel;
 pub mod tunnel_client;

@@ -1,0 +1,122 @@
+//! A node agent's view of the broker, through `isthmus_api::broker_client`: attest with a join
+//! token, obtain a workload SVID for an assigned entry, follow the bundle stream, and renew
+//! every SVID when the broker's signing root changes.
+
+use std::time::Duration;
+
+use isthmus_api::broker::broker_admin_client::BrokerAdminClient;
+use isthmus_api::broker::{self as pb};
+use isthmus_api::broker_client::{BrokerEndpoint, NodeIdentity};
+use isthmus_api::transport::unix_channel;
+use isthmus_core::lifecycle::DrainTrigger;
+use isthmus_core::{Bundle, TrustDomain};
+use isthmus_trust_broker::runtime::Broker;
+use time::OffsetDateTime;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_attests_gets_workload_svids_and_follows_rotation() {
+    let dir = std::env::temp_dir().join(format!("isthmus-broker-client-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut cfg = isthmus_trust_broker::config::BrokerConfig {
+        trust_domain: Some(TrustDomain::new("west.example").unwrap()),
+        data_dir: dir.clone(),
+        ..Default::default()
+    };
+    cfg.bundle_endpoint.listen = "127.0.0.1:0".parse().unwrap();
+    cfg.api.listen = "127.0.0.1:0".parse().unwrap();
+    let broker = Broker::start(&cfg).await.unwrap();
+    let mut admin = BrokerAdminClient::new(unix_channel(broker.admin_socket().to_path_buf()));
+    let token = admin
+        .create_join_token(pb::CreateJoinTokenRequest {
+            node: "node-a".into(),
+            ttl_seconds: 60,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    admin
+        .create_entry(pb::Entry {
+            id: "echo".into(),
+            spiffe_id: "spiffe://west.example/ns/demo/sa/echo".into(),
+            node: "node-a".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+
+    let endpoint = BrokerEndpoint {
+        address: broker.api_addr(),
+        trust_domain: TrustDomain::new("west.example").unwrap(),
+        bootstrap_bundle: Bundle::clone(&broker.authority().bundle()),
+    };
+    let node = NodeIdentity::attest(endpoint.clone(), &token)
+        .await
+        .unwrap();
+    assert_eq!(
+        node.node_svid().current().svid.id().as_str(),
+        "spiffe://west.example/isthmus/node/node-a"
+    );
+    // A used token cannot attest another node.
+    assert!(NodeIdentity::attest(endpoint, &token).await.is_err());
+    let entries = node.entries().await.unwrap();
+    assert_eq!(
+        entries.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(),
+        ["echo"]
+    );
+
+    let (drain, watch) = DrainTrigger::new();
+    let maintainer = node.clone();
+    let maintain_watch = watch.clone();
+    tokio::spawn(async move { maintainer.maintain(maintain_watch).await });
+    let echo = node.workload_source("echo", watch.clone()).await.unwrap();
+    let first_leaf = echo.current().svid.leaf().clone();
+    assert_eq!(
+        echo.current().svid.id().as_str(),
+        "spiffe://west.example/ns/demo/sa/echo"
+    );
+    let first_node_leaf = node.node_svid().current().svid.leaf().clone();
+    // Let the bundle stream deliver its baseline before the root changes.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // The broker's root changes: the bundle stream brings both roots, and the workload and
+    // node SVIDs are renewed from the new root without waiting for half-life.
+    broker
+        .authority()
+        .rotate_now(OffsetDateTime::now_utc())
+        .unwrap();
+    let west = TrustDomain::new("west.example").unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let two_roots = node
+            .trust()
+            .get(&west)
+            .is_some_and(|b| b.x509_authorities().len() == 2);
+        let renewed = *echo.current().svid.leaf() != first_leaf
+            && *node.node_svid().current().svid.leaf() != first_node_leaf;
+        if two_roots && renewed {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "rotation did not reach the node (roots {two_roots}, renewed {renewed})"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The renewed SVID chains to the new root only.
+    let bundle = node.trust().get(&west).unwrap();
+    let only_new = isthmus_core::BundleSet::new([Bundle::with_x509_authorities(
+        west.clone(),
+        vec![bundle.x509_authorities()[1].clone()],
+    )]);
+    isthmus_core::verify::verify_svid_chain(
+        echo.current().svid.chain(),
+        &only_new,
+        rustls_pki_types::UnixTime::now(),
+        isthmus_core::verify::SvidUsage::Any,
+    )
+    .unwrap();
+    drain.drain(Duration::from_secs(2)).await;
+    broker.shutdown(Duration::from_secs(2)).await;
+    let _ = std::fs::remove_dir_all(dir);
+}
