@@ -120,3 +120,120 @@ async fn a_node_attests_gets_workload_svids_and_follows_rotation() {
     broker.shutdown(Duration::from_secs(2)).await;
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_gets_its_identity_from_the_broker() {
+    use isthmus_gateway::config::BrokerIdentity;
+    use isthmus_gateway::server::Gateway;
+
+    let dir = std::env::temp_dir().join(format!("isthmus-gw-broker-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut cfg = isthmus_trust_broker::config::BrokerConfig {
+        trust_domain: Some(TrustDomain::new("east.example").unwrap()),
+        data_dir: dir.join("broker"),
+        ..Default::default()
+    };
+    cfg.bundle_endpoint.listen = "127.0.0.1:0".parse().unwrap();
+    cfg.api.listen = "127.0.0.1:0".parse().unwrap();
+    let broker = Broker::start(&cfg).await.unwrap();
+    let mut admin = BrokerAdminClient::new(unix_channel(broker.admin_socket().to_path_buf()));
+    let token = admin
+        .create_join_token(pb::CreateJoinTokenRequest {
+            node: "gateway-east".into(),
+            ttl_seconds: 60,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    let gateway_id = "spiffe://east.example/ns/isthmus-system/sa/eastwest-gateway";
+    admin
+        .create_entry(pb::Entry {
+            id: "gateway".into(),
+            spiffe_id: gateway_id.into(),
+            node: "gateway-east".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("bundle.json"),
+        broker.authority().bundle().to_json().unwrap(),
+    )
+    .unwrap();
+    std::fs::write(dir.join("token"), format!("{token}\n")).unwrap();
+    let broker_identity = BrokerIdentity {
+        address: broker.api_addr(),
+        bundle_file: dir.join("bundle.json"),
+        join_token_file: dir.join("token"),
+        entry_id: "gateway".into(),
+    };
+    let east = TrustDomain::new("east.example").unwrap();
+    let (drain, watch) = DrainTrigger::new();
+    let identity = isthmus_gateway::identity::from_broker(&broker_identity, &east, watch)
+        .await
+        .unwrap();
+    assert_eq!(identity.svid.current().svid.id().as_str(), gateway_id);
+    assert!(identity.trust.get(&east).is_some());
+    let gateway = Gateway::start(
+        &isthmus_gateway::config::GatewayConfig {
+            trust_domain: Some(east.clone()),
+            cluster: "east".into(),
+            listen: "127.0.0.1:0".parse().unwrap(),
+            ..Default::default()
+        },
+        identity,
+    )
+    .await
+    .unwrap();
+    // A workload of the same trust domain reaches it (refused only because nothing is
+    // exported: the handshake, and so the broker-issued identity, worked).
+    let client_svid = broker
+        .authority()
+        .issue_svid(
+            &isthmus_core::SpiffeId::parse("spiffe://east.example/ns/demo/sa/c").unwrap(),
+            None,
+            OffsetDateTime::now_utc(),
+        )
+        .unwrap();
+    let client = isthmus_api::tunnel_client::TunnelClient::new(
+        &isthmus_core::tls::MtlsSettings {
+            svid: isthmus_core::SvidSource::new(client_svid).unwrap(),
+            trust: isthmus_core::TrustStore::from_bundles([Bundle::clone(
+                &broker.authority().bundle(),
+            )]),
+            authorizer: std::sync::Arc::new(isthmus_core::tls::AllowIds(vec![
+                isthmus_core::SpiffeId::parse(gateway_id).unwrap(),
+            ])),
+            alpn: vec![],
+            observer: None,
+        },
+        "127.0.0.1:0".parse().unwrap(),
+        Default::default(),
+    )
+    .unwrap();
+    let e = client
+        .open(
+            gateway.addr(),
+            isthmus_api::tunnel::Target {
+                namespace: "demo".into(),
+                service: "echo".into(),
+                port: 80,
+                cluster: None,
+            },
+        )
+        .await
+        .map(|_| ())
+        .unwrap_err();
+    assert_eq!(
+        e.refusal(),
+        Some(isthmus_api::tunnel::ResultCode::UnknownService),
+        "{e}"
+    );
+    client.close().await;
+    gateway.shutdown(Duration::from_secs(2)).await;
+    drain.drain(Duration::from_secs(2)).await;
+    broker.shutdown(Duration::from_secs(2)).await;
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -103,12 +103,18 @@ async fn serve(
 ) -> anyhow::Result<()> {
     let own = cfg.trust_domain()?.clone();
     let mut shutdown = Shutdown::with_signals()?;
-    let identity = isthmus_gateway::identity::load(&cfg.identity, &own)
-        .context("loading the gateway identity")?;
+    let (drain, watch) = DrainTrigger::new();
+    let from_broker = cfg.identity.broker.is_some();
+    let identity = match &cfg.identity.broker {
+        Some(broker) => isthmus_gateway::identity::from_broker(broker, &own, watch.clone())
+            .await
+            .context("obtaining the gateway identity from the broker")?,
+        None => isthmus_gateway::identity::load(&cfg.identity, &own)
+            .context("loading the gateway identity")?,
+    };
     let gateway = Gateway::start(&cfg, identity.clone())
         .await
         .context("starting the gateway")?;
-    let (drain, watch) = DrainTrigger::new();
     // The exported services follow the configuration file.
     if let Some(path) = config_path {
         let source = isthmus_gateway::source::FileExports::watch(
@@ -123,12 +129,15 @@ async fn serve(
         let watch = watch.clone();
         tokio::spawn(async move { isthmus_gateway::source::follow(&source, view, watch).await });
     }
-    tokio::spawn(isthmus_gateway::identity::watch(
-        cfg.identity.clone(),
-        own.clone(),
-        identity,
-        watch.clone(),
-    ));
+    if !from_broker {
+        // Files: re-read on change (the broker path renews by itself).
+        tokio::spawn(isthmus_gateway::identity::watch(
+            cfg.identity.clone(),
+            own.clone(),
+            identity,
+            watch.clone(),
+        ));
+    }
     if let Some(listen) = cfg.metrics_listen {
         let listener = tokio::net::TcpListener::bind(listen)
             .await

@@ -42,6 +42,9 @@ pub enum IdentityError {
         /// Why.
         error: isthmus_core::bundle::BundleError,
     },
+    /// The trust broker refused or failed.
+    #[error("trust broker: {0}")]
+    Broker(String),
     /// The SVID is not of the configured trust domain.
     #[error("the SVID {id} is not of trust domain {trust_domain}")]
     WrongTrustDomain {
@@ -53,8 +56,12 @@ pub enum IdentityError {
 }
 
 impl IdentityFiles {
-    /// Checks that standalone identity files are configured, naming the missing field.
+    /// Checks that standalone identity files (or a broker) are configured, naming the missing
+    /// field.
     pub fn require(&self, own: &TrustDomain) -> Result<(), ConfigError> {
+        if self.broker.is_some() {
+            return Ok(());
+        }
         if self.svid_cert_file.is_none() {
             return Err(ConfigError::validation(
                 "identity.svid_cert_file",
@@ -141,6 +148,41 @@ pub fn load(files: &IdentityFiles, own: &TrustDomain) -> Result<GatewayIdentity,
         svid,
         trust: TrustStore::from_bundles(load_bundles(files)?),
     })
+}
+
+/// Obtains the identity from a trust broker: attests this gateway's node with the join token,
+/// then keeps the gateway SVID (the configured entry) renewed and the bundles following the
+/// broker's stream until `drain` signals.
+pub async fn from_broker(
+    broker: &crate::config::BrokerIdentity,
+    own: &TrustDomain,
+    drain: DrainWatch,
+) -> Result<GatewayIdentity, IdentityError> {
+    use isthmus_api::broker_client::{BrokerEndpoint, NodeIdentity};
+    let bundle = Bundle::parse_json(own.clone(), &read(&broker.bundle_file)?).map_err(|error| {
+        IdentityError::Bundle {
+            path: broker.bundle_file.clone(),
+            error,
+        }
+    })?;
+    let token = String::from_utf8_lossy(&read(&broker.join_token_file)?)
+        .trim()
+        .to_owned();
+    let endpoint = BrokerEndpoint {
+        address: broker.address,
+        trust_domain: own.clone(),
+        bootstrap_bundle: bundle,
+    };
+    let node = NodeIdentity::attest(endpoint, &token)
+        .await
+        .map_err(|e| IdentityError::Broker(e.to_string()))?;
+    let svid = node
+        .workload_source(&broker.entry_id, drain.clone())
+        .await
+        .map_err(|e| IdentityError::Broker(e.to_string()))?;
+    let trust = node.trust().clone();
+    tokio::spawn(async move { node.maintain(drain).await });
+    Ok(GatewayIdentity { svid, trust })
 }
 
 fn mtimes(files: &IdentityFiles) -> Vec<Option<SystemTime>> {
