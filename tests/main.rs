@@ -11,6 +11,7 @@ mod support;
 mod broker;
 mod broker_client;
 mod broker_durability;
+mod dns;
 mod federation;
 mod gateway;
 mod gateway_fallback;

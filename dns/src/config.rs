@@ -1,0 +1,163 @@
+//! Configuration of the `dns` component, loaded by [`isthmus_core::config::load`]: defaults <
+//! TOML file < `ISTHMUS_DNS_*` environment ([`ENV_BINDINGS`]) < flags, then
+//! [`Validate::validate`].
+
+use std::net::SocketAddr;
+
+use isthmus_core::config::{ConfigError, EnvBinding, HumanDuration, Validate};
+use serde::{Deserialize, Serialize};
+
+use crate::records::{DEFAULT_MAX_RECORDS, DEFAULT_TTL, DEFAULT_ZONE, ZoneSettings};
+use crate::server::ServerSettings;
+
+/// `ISTHMUS_DNS_LISTEN` sets `listen`.
+pub const ENV_LISTEN: &str = "ISTHMUS_DNS_LISTEN";
+/// `ISTHMUS_DNS_ZONE` sets `zone`.
+pub const ENV_ZONE: &str = "ISTHMUS_DNS_ZONE";
+/// `ISTHMUS_DNS_TTL` sets `ttl`.
+pub const ENV_TTL: &str = "ISTHMUS_DNS_TTL";
+/// `ISTHMUS_DNS_CATALOG` sets `catalog`.
+pub const ENV_CATALOG: &str = "ISTHMUS_DNS_CATALOG";
+
+/// The environment variables of the component and the fields they set.
+pub const ENV_BINDINGS: &[EnvBinding] = &[
+    EnvBinding {
+        name: ENV_LISTEN,
+        field: "listen",
+    },
+    EnvBinding {
+        name: ENV_ZONE,
+        field: "zone",
+    },
+    EnvBinding {
+        name: ENV_TTL,
+        field: "ttl",
+    },
+    EnvBinding {
+        name: ENV_CATALOG,
+        field: "catalog",
+    },
+];
+
+/// The DNS server's configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DnsConfig {
+    /// UDP and TCP listen address.
+    pub listen: SocketAddr,
+    /// The clusterset zone (the MCS API requires `clusterset.local`).
+    pub zone: String,
+    /// TTL of every record, whole seconds.
+    pub ttl: HumanDuration,
+    /// At most this many records per answer (bounded work per query).
+    pub max_records: usize,
+    /// Largest UDP response to EDNS clients, in bytes (512..=65535).
+    pub max_udp_payload: u16,
+    /// Idle TCP connections are closed after this long.
+    pub tcp_idle_timeout: HumanDuration,
+    /// The gateway's local catalog API.
+    pub catalog: Option<SocketAddr>,
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        let server = ServerSettings::default();
+        Self {
+            listen: server.listen,
+            zone: DEFAULT_ZONE.trim_end_matches('.').to_owned(),
+            ttl: HumanDuration::from_secs(u64::from(DEFAULT_TTL)),
+            max_records: DEFAULT_MAX_RECORDS,
+            max_udp_payload: server.max_udp_payload,
+            tcp_idle_timeout: HumanDuration(server.tcp_idle_timeout),
+            catalog: None,
+        }
+    }
+}
+
+impl DnsConfig {
+    /// The zone settings this configuration describes.
+    pub fn zone_settings(&self) -> Result<ZoneSettings, ConfigError> {
+        let ttl = u32::try_from(self.ttl.0.as_secs()).map_err(|_| {
+            ConfigError::validation(
+                "ttl",
+                format!("{} s exceeds 2^32-1 s", self.ttl.0.as_secs()),
+            )
+        })?;
+        ZoneSettings::new(&self.zone, ttl, self.max_records).map_err(|e| {
+            let field = match e {
+                crate::records::RecordsError::NoRecordsAllowed(_) => "max_records",
+                crate::records::RecordsError::InvalidZone { .. } => "zone",
+            };
+            ConfigError::validation(field, e.to_string())
+        })
+    }
+
+    /// The listener settings this configuration describes.
+    pub fn server_settings(&self) -> ServerSettings {
+        ServerSettings {
+            listen: self.listen,
+            max_udp_payload: self.max_udp_payload,
+            tcp_idle_timeout: self.tcp_idle_timeout.0,
+        }
+    }
+}
+
+impl Validate for DnsConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.ttl.0.subsec_nanos() != 0 {
+            return Err(ConfigError::validation(
+                "ttl",
+                format!("{:?} is not a whole number of seconds", self.ttl.0),
+            ));
+        }
+        if self.max_udp_payload < 512 {
+            return Err(ConfigError::validation(
+                "max_udp_payload",
+                format!(
+                    "{} is below the 512 bytes every client accepts",
+                    self.max_udp_payload
+                ),
+            ));
+        }
+        if self.tcp_idle_timeout.0.is_zero() {
+            return Err(ConfigError::validation(
+                "tcp_idle_timeout",
+                "0s would close every connection before its first query",
+            ));
+        }
+        self.zone_settings().map(drop)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_validate_and_describe_clusterset_local() {
+        let config = DnsConfig::default();
+        config.validate().unwrap();
+        let zone = config.zone_settings().unwrap();
+        assert_eq!(zone.origin().to_ascii(), "clusterset.local.");
+        assert_eq!(zone.ttl(), 5);
+    }
+
+    /// Breaks one field of a valid configuration.
+    type Breakage = fn(&mut DnsConfig);
+
+    #[test]
+    fn invalid_values_name_their_field() {
+        let cases: [(&str, Breakage); 4] = [
+            ("ttl", |c| c.ttl = HumanDuration::from_millis(1500)),
+            ("max_udp_payload", |c| c.max_udp_payload = 100),
+            ("max_records", |c| c.max_records = 0),
+            ("zone", |c| c.zone = "a..b".into()),
+        ];
+        for (field, break_it) in cases {
+            let mut config = DnsConfig::default();
+            break_it(&mut config);
+            let error = config.validate().unwrap_err();
+            assert_eq!(error.field(), Some(field), "{error}");
+        }
+    }
+}

@@ -1,0 +1,28 @@
+//! The Isthmus DNS server: answers the `clusterset.local.` zone exactly as the Kubernetes
+//! Multi-Cluster Services DNS specification v1.0.0 says, from the global service catalog that
+//! the cluster's east-west gateway streams over its local catalog API.
+//!
+//! Start at [`ClusterSetZone::answer`], the pure function that answers one question from a
+//! catalog snapshot; [`DnsServer`] serves it over UDP and TCP with hickory-server, and
+//! [`follow_catalog`] keeps the zone current from the gateway.
+//!
+//! - [`records`]: the zone model built from an `isthmus.catalog.v1` snapshot and its answers
+//!   (A/AAAA, SRV, PTR, TXT, SOA, NS; NXDOMAIN versus NODATA).
+//! - [`server`]: the request handler, the UDP/TCP listeners, and the catalog follower that
+//!   feeds a [`tokio::sync::watch`] of zones.
+//! - [`config`]: the layered configuration of the `dns` component.
+//!
+//! Names outside the zone (and reverse names of addresses the zone does not own) are answered
+//! REFUSED for now; forwarding them upstream through hickory-resolver, metrics and the
+//! `isthmus dns` subcommand are the next steps of issue 6.
+
+pub mod config;
+pub mod records;
+pub mod server;
+
+pub use config::DnsConfig;
+pub use records::{Answer, AnswerKind, ClusterSetZone, RecordsError, ZoneSettings};
+pub use server::{
+    Backoff, DnsServer, ServerError, ServerSettings, ZoneFeed, ZoneHandler, ZoneReceiver,
+    follow_catalog,
+};

@@ -1,0 +1,480 @@
+//! Serving the zone: a hickory-server [`RequestHandler`] that answers from the latest
+//! [`ClusterSetZone`] in a [`tokio::sync::watch`], the UDP and TCP listeners around it, and
+//! [`follow_catalog`], which keeps that watch current from the gateway's catalog API.
+//!
+//! Every query reads the zone the watch holds at that moment, so a catalog change is answered
+//! from the next query on. Until the first catalog snapshot arrives the server answers
+//! SERVFAIL rather than NXDOMAIN, so no resolver caches the absence of a service that exists.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hickory_server::Server;
+use hickory_server::net::runtime::Time;
+use hickory_server::net::xfer::Protocol;
+use hickory_server::proto::op::{
+    Edns, Header, HeaderCounts, MessageType, Metadata, OpCode, ResponseCode,
+};
+use hickory_server::proto::rr::{DNSClass, Name};
+use hickory_server::proto::serialize::binary::BinEncoder;
+use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
+use hickory_server::zone_handler::MessageResponseBuilder;
+use isthmus_api::catalog as pb;
+use isthmus_api::catalog::catalog_client::CatalogClient;
+use isthmus_core::lifecycle::DrainWatch;
+use tokio::net::{TcpListener, UdpSocket};
+use tokio::sync::watch;
+use tonic::transport::Channel;
+
+use crate::records::{Answer, ClusterSetZone, ZoneSettings};
+
+/// The smallest UDP payload every DNS client accepts (RFC 1035 4.2.1).
+const MIN_UDP_PAYLOAD: u16 = 512;
+
+/// The EDNS version this server speaks (RFC 6891).
+const EDNS_VERSION: u8 = 0;
+
+/// How often binding TCP to the port UDP got is retried when another socket holds it.
+const BIND_ATTEMPTS: usize = 8;
+
+/// Errors of the server.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// A listener could not be bound.
+    #[error("cannot bind DNS {protocol} on {address}: {source}")]
+    Bind {
+        /// `UDP` or `TCP`.
+        protocol: &'static str,
+        /// The address asked for.
+        address: SocketAddr,
+        /// Why binding failed.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A listener task failed while serving.
+    #[error("DNS server stopped with an error: {0}")]
+    Serve(String),
+}
+
+/// The latest zone, `None` until the first catalog snapshot.
+pub type ZoneReceiver = watch::Receiver<Option<Arc<ClusterSetZone>>>;
+
+/// Where and how the server listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerSettings {
+    /// UDP and TCP listen here; port 0 picks one port free for both.
+    pub listen: SocketAddr,
+    /// The largest UDP response sent to an EDNS client; larger answers are truncated (TC) and
+    /// retried over TCP. 1232 avoids IP fragmentation (DNS flag day 2020).
+    pub max_udp_payload: u16,
+    /// A TCP connection that sends no query for this long is closed.
+    pub tcp_idle_timeout: Duration,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 53)),
+            max_udp_payload: 1232,
+            tcp_idle_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Publishes zones built from catalog snapshots into the watch the server reads.
+#[derive(Debug)]
+pub struct ZoneFeed {
+    settings: ZoneSettings,
+    sender: watch::Sender<Option<Arc<ClusterSetZone>>>,
+    serial: u32,
+}
+
+impl ZoneFeed {
+    /// A feed for zones with `settings` and the receiver to hand to [`DnsServer::start`].
+    pub fn new(settings: ZoneSettings) -> (Self, ZoneReceiver) {
+        let (sender, receiver) = watch::channel(None);
+        (
+            Self {
+                settings,
+                sender,
+                serial: 0,
+            },
+            receiver,
+        )
+    }
+
+    /// Builds the zone from `snapshot` and makes it the one answered from the next query on.
+    /// Each publication bumps the SOA serial.
+    pub fn publish(&mut self, snapshot: &pb::CatalogSnapshot) -> Arc<ClusterSetZone> {
+        self.serial = self.serial.wrapping_add(1);
+        let zone = Arc::new(ClusterSetZone::from_snapshot(
+            snapshot,
+            &self.settings,
+            self.serial,
+        ));
+        for problem in zone.skipped() {
+            tracing::warn!(problem = %problem, "catalog entry left out of the DNS zone");
+        }
+        tracing::debug!(
+            services = zone.service_count(),
+            serial = zone.serial(),
+            "DNS zone updated"
+        );
+        self.sender.send_replace(Some(zone.clone()));
+        zone
+    }
+
+    /// Another receiver of the same zones.
+    pub fn subscribe(&self) -> ZoneReceiver {
+        self.sender.subscribe()
+    }
+}
+
+/// Answers queries from the latest zone.
+#[derive(Debug, Clone)]
+pub struct ZoneHandler {
+    zone: ZoneReceiver,
+    max_udp_payload: u16,
+}
+
+impl ZoneHandler {
+    /// A handler reading `zone`, sending UDP responses of at most `max_udp_payload` bytes to
+    /// EDNS clients (512 to others).
+    pub fn new(zone: ZoneReceiver, max_udp_payload: u16) -> Self {
+        Self {
+            zone,
+            max_udp_payload: max_udp_payload.max(MIN_UDP_PAYLOAD),
+        }
+    }
+
+    /// The response's OPT record: present iff the request had one (RFC 6891 6.1.1), with our
+    /// payload limit so hickory truncates UDP answers at the smaller of both sides' limits.
+    fn response_edns(&self, request: &Request) -> Option<Edns> {
+        request.edns.as_ref().map(|requested| {
+            let mut edns = Edns::new();
+            edns.set_version(EDNS_VERSION);
+            edns.set_max_payload(
+                requested
+                    .max_payload()
+                    .clamp(MIN_UDP_PAYLOAD, self.max_udp_payload),
+            );
+            edns
+        })
+    }
+}
+
+async fn send_error<R: ResponseHandler>(
+    request: &Request,
+    edns: Option<&Edns>,
+    code: ResponseCode,
+    mut response_handle: R,
+) -> ResponseInfo {
+    let mut builder = MessageResponseBuilder::from_message_request(request);
+    if let Some(edns) = edns {
+        builder.edns(edns);
+    }
+    let response = builder.error_msg(&request.metadata, code);
+    let metadata = *response.metadata();
+    match response_handle.send_response(response).await {
+        Ok(info) => info,
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot send DNS error response");
+            failed(metadata)
+        }
+    }
+}
+
+fn failed(mut metadata: Metadata) -> ResponseInfo {
+    metadata.response_code = ResponseCode::ServFail;
+    ResponseInfo::from(Header {
+        metadata,
+        counts: HeaderCounts::default(),
+    })
+}
+
+#[tonic::async_trait]
+impl RequestHandler for ZoneHandler {
+    async fn handle_request<R: ResponseHandler, T: Time>(
+        &self,
+        request: &Request,
+        mut response_handle: R,
+    ) -> ResponseInfo {
+        let edns = self.response_edns(request);
+        if request
+            .edns
+            .as_ref()
+            .is_some_and(|e| e.version() > EDNS_VERSION)
+        {
+            return send_error(
+                request,
+                edns.as_ref(),
+                ResponseCode::BADVERS,
+                response_handle,
+            )
+            .await;
+        }
+        if request.metadata.message_type != MessageType::Query
+            || request.metadata.op_code != OpCode::Query
+        {
+            return send_error(
+                request,
+                edns.as_ref(),
+                ResponseCode::NotImp,
+                response_handle,
+            )
+            .await;
+        }
+        // One question per message is all anyone sends (RFC 9619).
+        let [query] = request.queries.queries() else {
+            return send_error(
+                request,
+                edns.as_ref(),
+                ResponseCode::FormErr,
+                response_handle,
+            )
+            .await;
+        };
+        if query.query_class() != DNSClass::IN {
+            return send_error(
+                request,
+                edns.as_ref(),
+                ResponseCode::Refused,
+                response_handle,
+            )
+            .await;
+        }
+        // Clone the Arc so the watch is not borrowed across the await below.
+        let Some(zone) = self.zone.borrow().clone() else {
+            return send_error(
+                request,
+                edns.as_ref(),
+                ResponseCode::ServFail,
+                response_handle,
+            )
+            .await;
+        };
+        let name = Name::from(query.name().clone());
+        let answer = zone.answer(&name, query.query_type());
+
+        let mut metadata = Metadata::response_from_request(&request.metadata);
+        metadata.response_code = answer.kind.response_code();
+        metadata.authoritative = answer.kind.authoritative();
+        metadata.recursion_available = false;
+        // Additional records are optional (RFC 2181 9): drop them rather than set TC when
+        // only they overflow a UDP message. hickory sets TC when the sections do not fit.
+        let additionals = if request.protocol() == Protocol::Udp
+            && !answer.additionals.is_empty()
+            && !fits_udp(request, edns.as_ref(), metadata, &answer)
+        {
+            &[][..]
+        } else {
+            answer.additionals.as_slice()
+        };
+        let mut builder = MessageResponseBuilder::from_message_request(request);
+        if let Some(edns) = edns.as_ref() {
+            builder.edns(edns);
+        }
+        let response = builder.build(
+            metadata,
+            answer.answers.iter(),
+            answer.authority.iter(),
+            std::iter::empty(),
+            additionals.iter(),
+        );
+        match response_handle.send_response(response).await {
+            Ok(info) => info,
+            Err(e) => {
+                tracing::debug!(error = %e, name = %name, "cannot send DNS response");
+                failed(metadata)
+            }
+        }
+    }
+}
+
+/// Whether the whole answer, additionals included, fits the UDP payload limit: a trial
+/// encoding, done only for the few answers that have additionals.
+fn fits_udp(request: &Request, edns: Option<&Edns>, metadata: Metadata, answer: &Answer) -> bool {
+    let mut builder = MessageResponseBuilder::from_message_request(request);
+    if let Some(edns) = edns {
+        builder.edns(edns);
+    }
+    let response = builder.build(
+        metadata,
+        answer.answers.iter(),
+        answer.authority.iter(),
+        std::iter::empty(),
+        answer.additionals.iter(),
+    );
+    let mut buffer = Vec::with_capacity(usize::from(MIN_UDP_PAYLOAD));
+    let mut encoder = BinEncoder::new(&mut buffer);
+    encoder.set_max_size(edns.map_or(MIN_UDP_PAYLOAD, Edns::max_payload));
+    response
+        .destructive_emit(&mut encoder)
+        .is_ok_and(|info| !info.truncation)
+}
+
+/// A running DNS server: UDP and TCP on one address.
+pub struct DnsServer {
+    addr: SocketAddr,
+    server: Server<ZoneHandler>,
+}
+
+impl std::fmt::Debug for DnsServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DnsServer")
+            .field("addr", &self.addr)
+            .finish()
+    }
+}
+
+impl DnsServer {
+    /// Binds UDP and TCP on `settings.listen` (the same port for both) and serves `zone`.
+    pub async fn start(settings: &ServerSettings, zone: ZoneReceiver) -> Result<Self, ServerError> {
+        let (udp, tcp) = bind(settings.listen).await?;
+        let addr = udp.local_addr().map_err(|source| ServerError::Bind {
+            protocol: "UDP",
+            address: settings.listen,
+            source,
+        })?;
+        let mut server = Server::new(ZoneHandler::new(zone, settings.max_udp_payload));
+        server.register_socket(udp);
+        // One response in flight per connection is plenty: clients pipeline few queries.
+        server.register_listener(tcp, settings.tcp_idle_timeout, 16);
+        tracing::info!(address = %addr, "DNS server listening on UDP and TCP");
+        Ok(Self { addr, server })
+    }
+
+    /// The address UDP and TCP are bound to.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stops accepting queries and waits for the listeners to finish.
+    pub async fn shutdown(mut self) -> Result<(), ServerError> {
+        self.server
+            .shutdown_gracefully()
+            .await
+            .map_err(|e| ServerError::Serve(e.to_string()))
+    }
+}
+
+/// UDP first (port 0 picks a port), then TCP on the same port; when another process holds
+/// that TCP port, a picked port is picked again.
+async fn bind(listen: SocketAddr) -> Result<(UdpSocket, TcpListener), ServerError> {
+    let mut last_error = None;
+    for _ in 0..BIND_ATTEMPTS {
+        let udp = UdpSocket::bind(listen)
+            .await
+            .map_err(|source| ServerError::Bind {
+                protocol: "UDP",
+                address: listen,
+                source,
+            })?;
+        let bound = udp.local_addr().map_err(|source| ServerError::Bind {
+            protocol: "UDP",
+            address: listen,
+            source,
+        })?;
+        match TcpListener::bind(bound).await {
+            Ok(tcp) => return Ok((udp, tcp)),
+            Err(source) if listen.port() == 0 && source.kind() == std::io::ErrorKind::AddrInUse => {
+                last_error = Some(source);
+            }
+            Err(source) => {
+                return Err(ServerError::Bind {
+                    protocol: "TCP",
+                    address: bound,
+                    source,
+                });
+            }
+        }
+    }
+    Err(ServerError::Bind {
+        protocol: "TCP",
+        address: listen,
+        source: last_error
+            .unwrap_or_else(|| std::io::Error::other("BUG: no bind attempt was made")),
+    })
+}
+
+/// Back-off between catalog reconnections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backoff {
+    /// The first wait after a failure.
+    pub initial: Duration,
+    /// The longest wait.
+    pub max: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self {
+            initial: Duration::from_millis(100),
+            max: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Watches the gateway's catalog API on `client` (typically over
+/// [`isthmus_api::transport::tls_channel`]) and publishes every snapshot into `feed` until
+/// `drain` signals. A failed call or a stream that ends or breaks is retried after a back-off
+/// that doubles up to `backoff.max` and starts over once a snapshot arrives; the last zone
+/// keeps being answered meanwhile.
+pub async fn follow_catalog(
+    mut client: CatalogClient<Channel>,
+    mut feed: ZoneFeed,
+    backoff: Backoff,
+    drain: DrainWatch,
+) {
+    let mut wait = backoff.initial;
+    loop {
+        let outcome = tokio::select! {
+            () = drain.signaled() => return,
+            outcome = watch_once(&mut client, &mut feed) => outcome,
+        };
+        match outcome {
+            WatchOutcome::Received => wait = backoff.initial,
+            WatchOutcome::Nothing => {}
+        }
+        tokio::select! {
+            () = drain.signaled() => return,
+            () = tokio::time::sleep(wait) => {}
+        }
+        wait = (wait * 2).min(backoff.max);
+    }
+}
+
+enum WatchOutcome {
+    /// At least one snapshot arrived before the stream ended.
+    Received,
+    /// The call failed before any snapshot.
+    Nothing,
+}
+
+async fn watch_once(client: &mut CatalogClient<Channel>, feed: &mut ZoneFeed) -> WatchOutcome {
+    let mut stream = match client.watch(pb::WatchCatalogRequest {}).await {
+        Ok(response) => response.into_inner(),
+        Err(status) => {
+            tracing::warn!(error = %status, "catalog watch failed; retrying");
+            return WatchOutcome::Nothing;
+        }
+    };
+    let mut outcome = WatchOutcome::Nothing;
+    loop {
+        match stream.message().await {
+            Ok(Some(snapshot)) => {
+                feed.publish(&snapshot);
+                outcome = WatchOutcome::Received;
+            }
+            Ok(None) => {
+                tracing::warn!("catalog watch ended; reconnecting");
+                return outcome;
+            }
+            Err(status) => {
+                tracing::warn!(error = %status, "catalog watch broke; reconnecting");
+                return outcome;
+            }
+        }
+    }
+}
