@@ -267,9 +267,8 @@ async fn gateways_exchange_catalogs_and_survive_restarts() {
     let east_gw = loop {
         match Gateway::start(&east_cfg, east.identity.clone()).await {
             Ok(gateway) => break gateway,
-            Err(e) if attempt < 50 => {
+            Err(_) if attempt < 50 => {
                 attempt += 1;
-                let _ = e;
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             Err(e) => panic!("restart east: {e}"),
