@@ -4,6 +4,7 @@
 //! - [`catalog`]: the `isthmus.catalog.v1` local catalog API.
 //! - [`broker`]: the `isthmus.broker.v1` messages, clients and servers.
 //! - [`broker_client`]: node attestation, SVID renewal and the bundle stream, client side.
+//! - [`identity`]: a component's SVID and bundles from files or a trust broker.
 //! - [`admin_http`]: `/metrics` and `/healthz/*` over plain HTTP.
 //! - [`tunnel`]: the `isthmus/1` stream header codec between clients and gateways.
 //! - [`tunnel_client`]: the pooled client that opens tunnels through gateways (QUIC, with
@@ -12,6 +13,7 @@
 
 pub mod admin_http;
 pub mod broker_client;
+pub mod identity;
 pub mod transport;
 pub mod tunnel;
 pub mod tunnel_client;

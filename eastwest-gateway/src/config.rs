@@ -202,37 +202,7 @@ impl Default for LimitsConfig {
     }
 }
 
-/// Obtaining the gateway's identity from a trust broker instead of files.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct BrokerIdentity {
-    /// The broker's issuance API.
-    pub address: SocketAddr,
-    /// The broker's bundle (SPIFFE JSON) to authenticate it at first contact.
-    pub bundle_file: PathBuf,
-    /// A file holding a one-time join token for this gateway's node.
-    pub join_token_file: PathBuf,
-    /// The registration entry (assigned to that node) for the gateway's SPIFFE ID.
-    pub entry_id: String,
-}
-
-/// Where the gateway gets its SVID and trusted bundles: files, or a trust broker.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(deny_unknown_fields, default)]
-pub struct IdentityFiles {
-    /// Obtain the SVID and bundles from a broker (join token attestation); when set, the
-    /// file fields are not used.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub broker: Option<BrokerIdentity>,
-    /// The gateway SVID chain (PEM).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub svid_cert_file: Option<PathBuf>,
-    /// The SVID's private key (PEM, PKCS#8).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub svid_key_file: Option<PathBuf>,
-    /// SPIFFE bundle files (JSON) by trust domain name, own and federated.
-    pub bundle_files: std::collections::BTreeMap<String, PathBuf>,
-}
+pub use isthmus_api::identity::{BrokerIdentity, IdentityFiles};
 
 /// The whole gateway configuration.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -13,7 +13,7 @@ use isthmus_api::tunnel::{
 use isthmus_core::lifecycle::{DrainOutcome, DrainTrigger, DrainWatch};
 use isthmus_core::telemetry::MetricsRegistry;
 use isthmus_core::tls::{AllowTrustDomains, MtlsSettings, RejectionObserver};
-use isthmus_core::{SpiffeId, SvidSource, TrustDomain, TrustStore};
+use isthmus_core::{SpiffeId, TrustDomain};
 use rustls_pki_types::CertificateDer;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::task::JoinSet;
@@ -51,13 +51,7 @@ pub enum GatewayError {
 }
 
 /// The gateway's identity: its SVID and the bundles it trusts (own and federated).
-#[derive(Debug, Clone)]
-pub struct GatewayIdentity {
-    /// The gateway SVID, rotated in place.
-    pub svid: SvidSource,
-    /// Trusted bundles, updated in place.
-    pub trust: TrustStore,
-}
+pub type GatewayIdentity = isthmus_api::identity::Identity;
 
 /// The peer of a verified connection.
 fn peer_id(conn: &quinn::Connection) -> Option<SpiffeId> {
