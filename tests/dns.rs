@@ -690,3 +690,132 @@ async fn protocol_edge_cases_get_the_right_response_codes() {
     assert_eq!(response.metadata.response_code, ResponseCode::NotImp);
     server.shutdown().await.unwrap();
 }
+
+/// End to end: east exports echo, west imports it through peering, and west's DNS server
+/// (its own SVID, over mTLS to west's catalog API) answers the ClusterSetIP west assigned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_catalog_feeds_the_dns_server_over_mtls() {
+    use isthmus_api::transport::{ALPN_H2, tls_channel};
+    use isthmus_core::ca::{CertificateAuthority, DEFAULT_CA_TTL, DEFAULT_LEAF_TTL};
+    use isthmus_core::tls::{AllowIds, MtlsSettings};
+    use isthmus_core::{SpiffeId, SvidSource, TrustDomain, TrustStore};
+    use isthmus_gateway::config::{EndpointConfig, ExportedService, GatewayConfig, ServicePort};
+    use isthmus_gateway::peering::PeerConfig;
+    use isthmus_gateway::server::{Gateway, GatewayIdentity};
+
+    let now = time::OffsetDateTime::now_utc();
+    let trust = TrustStore::default();
+    let mut cas = Vec::new();
+    let mut identities = Vec::new();
+    for name in ["west.example", "east.example"] {
+        let ca =
+            CertificateAuthority::generate(TrustDomain::new(name).unwrap(), now, DEFAULT_CA_TTL)
+                .unwrap();
+        trust.set(ca.bundle());
+        let id = SpiffeId::parse(&format!(
+            "spiffe://{name}/ns/isthmus-system/sa/eastwest-gateway"
+        ))
+        .unwrap();
+        identities.push(GatewayIdentity {
+            svid: SvidSource::new(ca.issue_svid(&id, DEFAULT_LEAF_TTL, now).unwrap()).unwrap(),
+            trust: trust.clone(),
+        });
+        cas.push(ca);
+    }
+    let td = |s: &str| TrustDomain::new(s).unwrap();
+    let mut east_cfg = GatewayConfig {
+        trust_domain: Some(td("east.example")),
+        cluster: "east".into(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        federated_trust_domains: vec![td("west.example")],
+        services: vec![ExportedService {
+            namespace: "demo".into(),
+            name: "echo".into(),
+            ports: vec![ServicePort {
+                name: "http".into(),
+                port: 80,
+                target_port: None,
+                protocol: "TCP".into(),
+            }],
+            endpoints: vec![EndpointConfig {
+                address: "10.1.0.1".parse().unwrap(),
+                ready: true,
+            }],
+            allow: vec![],
+        }],
+        ..GatewayConfig::default()
+    };
+    east_cfg.peering.peers = vec![PeerConfig {
+        trust_domain: td("west.example"),
+        address: "127.0.0.1:9".parse().unwrap(),
+    }];
+    let east = Gateway::start(&east_cfg, identities[1].clone())
+        .await
+        .unwrap();
+    let mut west_cfg = GatewayConfig {
+        trust_domain: Some(td("west.example")),
+        cluster: "west".into(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        federated_trust_domains: vec![td("east.example")],
+        catalog_listen: Some("127.0.0.1:0".parse().unwrap()),
+        ..GatewayConfig::default()
+    };
+    west_cfg.peering.peers = vec![PeerConfig {
+        trust_domain: td("east.example"),
+        address: east.addr(),
+    }];
+    let west = Gateway::start(&west_cfg, identities[0].clone())
+        .await
+        .unwrap();
+
+    // The DNS server of west, with its own SVID.
+    let dns_id = SpiffeId::parse("spiffe://west.example/ns/isthmus-system/sa/dns").unwrap();
+    let tls = isthmus_core::tls::client_config(&MtlsSettings {
+        svid: SvidSource::new(cas[0].issue_svid(&dns_id, DEFAULT_LEAF_TTL, now).unwrap()).unwrap(),
+        trust: trust.clone(),
+        authorizer: Arc::new(AllowIds(vec![
+            SpiffeId::parse("spiffe://west.example/ns/isthmus-system/sa/eastwest-gateway").unwrap(),
+        ])),
+        alpn: vec![ALPN_H2.to_vec()],
+        observer: None,
+    })
+    .unwrap();
+    let (feed, zone) = ZoneFeed::new(ZoneSettings::default());
+    let server = start(zone).await;
+    let (drain, watch) = DrainTrigger::new();
+    tokio::spawn(follow_catalog(
+        CatalogClient::new(tls_channel(west.catalog_addr().unwrap(), Arc::new(tls))),
+        feed,
+        Backoff::default(),
+        watch,
+    ));
+    let vip = loop {
+        let status = west.status(time::OffsetDateTime::now_utc());
+        if let Some(vip) = status
+            .services
+            .iter()
+            .find(|s| s.name == "echo")
+            .and_then(|s| s.vip)
+        {
+            break vip;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let mut udp = client(server.local_addr(), Transport::Udp).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let response = ask(&mut udp, "echo.demo.svc.clusterset.local.", RecordType::A).await;
+        if rendered(&response) == [vip.to_string()] {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "DNS never answered {vip}: {response:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drain.drain(Duration::from_secs(2)).await;
+    server.shutdown().await.unwrap();
+    west.shutdown(Duration::from_secs(2)).await;
+    east.shutdown(Duration::from_secs(2)).await;
+}

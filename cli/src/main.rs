@@ -3,6 +3,7 @@
 //! Logic that tests need lives in the libraries.
 
 mod broker;
+mod dns;
 mod gateway;
 mod identity;
 
@@ -30,6 +31,8 @@ enum Command {
     Broker(broker::BrokerArgs),
     /// This trust domain's bundle, from a running broker.
     Bundle(broker::BundleArgs),
+    /// Run the DNS server for `clusterset.local`, fed by the gateway's catalog API.
+    Dns(ConfigArgs),
     /// Run the east-west gateway (QUIC mTLS tunnels, HTTP/2 CONNECT fallback).
     Gateway(gateway::GatewayArgs),
     /// SPIFFE identities: demo, inspect certificates and bundles.
@@ -128,6 +131,7 @@ fn dispatch(cli: Cli, env: &dyn config::Environment) -> Result<(), Failure> {
         Command::Broker(args) => broker::run(args, env),
         Command::Bundle(args) => broker::run_bundle(args, env),
         Command::Gateway(args) => gateway::run(args, env),
+        Command::Dns(args) => dns::run(args, env),
         Command::Identity(IdentityCommand::Demo(args)) => {
             let cfg: identity::DemoConfig =
                 config::load(args.config.as_deref(), env, identity::DEMO_ENV, &args.set)?;

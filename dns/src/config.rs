@@ -57,6 +57,12 @@ pub struct DnsConfig {
     pub tcp_idle_timeout: HumanDuration,
     /// The gateway's local catalog API.
     pub catalog: Option<SocketAddr>,
+    /// This cluster's trust domain (required with `catalog`: the catalog API is mTLS within
+    /// the trust domain, served by `spiffe://<td>/ns/isthmus-system/sa/eastwest-gateway`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trust_domain: Option<isthmus_core::TrustDomain>,
+    /// The DNS server's own SVID and bundles (files or a trust broker), to reach the catalog.
+    pub identity: isthmus_api::identity::IdentityFiles,
 }
 
 impl Default for DnsConfig {
@@ -70,6 +76,8 @@ impl Default for DnsConfig {
             max_udp_payload: server.max_udp_payload,
             tcp_idle_timeout: HumanDuration(server.tcp_idle_timeout),
             catalog: None,
+            trust_domain: None,
+            identity: isthmus_api::identity::IdentityFiles::default(),
         }
     }
 }
@@ -124,6 +132,13 @@ impl Validate for DnsConfig {
                 "tcp_idle_timeout",
                 "0s would close every connection before its first query",
             ));
+        }
+        if self.catalog.is_some() {
+            let own = self
+                .trust_domain
+                .as_ref()
+                .ok_or_else(|| ConfigError::validation("trust_domain", "required with catalog"))?;
+            self.identity.require(own)?;
         }
         self.zone_settings().map(drop)
     }

@@ -1,0 +1,90 @@
+//! `isthmus dns`: the `clusterset.local` DNS server, fed by the gateway's catalog API.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use isthmus_api::catalog::catalog_client::CatalogClient;
+use isthmus_api::transport::{ALPN_H2, tls_channel};
+use isthmus_core::config::{self, Environment};
+use isthmus_core::lifecycle::{DrainTrigger, Shutdown};
+use isthmus_core::tls::{AllowIds, MtlsSettings};
+use isthmus_dns::config::{DnsConfig, ENV_BINDINGS};
+use isthmus_dns::server::{Backoff, DnsServer, ZoneFeed};
+
+use crate::{ConfigArgs, Failure};
+
+/// Runs `isthmus dns`.
+pub fn run(args: ConfigArgs, env: &dyn Environment) -> Result<(), Failure> {
+    let cfg: DnsConfig = config::load(args.config.as_deref(), env, ENV_BINDINGS, &args.set)?;
+    if args.check {
+        println!(
+            "configuration is valid:\n{}",
+            serde_json::to_string_pretty(&config::redacted_json(&cfg, &[])?)
+                .map_err(anyhow::Error::from)?
+        );
+        return Ok(());
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::from)?;
+    runtime.block_on(serve(cfg))?;
+    Ok(())
+}
+
+async fn serve(cfg: DnsConfig) -> anyhow::Result<()> {
+    let mut shutdown = Shutdown::with_signals()?;
+    let (drain, watch) = DrainTrigger::new();
+    let (feed, zone) = ZoneFeed::new(cfg.zone_settings()?);
+    let server = DnsServer::start(&cfg.server_settings(), zone)
+        .await
+        .context("starting the DNS server")?;
+    match (cfg.catalog, &cfg.trust_domain) {
+        (Some(catalog), Some(own)) => {
+            let identity = match &cfg.identity.broker {
+                Some(broker) => isthmus_api::identity::from_broker(broker, own, watch.clone())
+                    .await
+                    .context("obtaining the DNS server's identity from the broker")?,
+                None => {
+                    let identity = isthmus_api::identity::load(&cfg.identity, own)
+                        .context("loading the DNS server's identity")?;
+                    tokio::spawn(isthmus_api::identity::watch(
+                        cfg.identity.clone(),
+                        own.clone(),
+                        identity.clone(),
+                        watch.clone(),
+                    ));
+                    identity
+                }
+            };
+            let gateway = own
+                .workload_id(&["ns", "isthmus-system", "sa", "eastwest-gateway"])
+                .map_err(anyhow::Error::from)?;
+            let tls = isthmus_core::tls::client_config(&MtlsSettings {
+                svid: identity.svid,
+                trust: identity.trust,
+                authorizer: Arc::new(AllowIds(vec![gateway])),
+                alpn: vec![ALPN_H2.to_vec()],
+                observer: None,
+            })?;
+            let client = CatalogClient::new(tls_channel(catalog, Arc::new(tls)));
+            tokio::spawn(isthmus_dns::server::follow_catalog(
+                client,
+                feed,
+                Backoff::default(),
+                watch.clone(),
+            ));
+        }
+        _ => tracing::warn!("no catalog configured: every name of the zone answers SERVFAIL"),
+    }
+    eprintln!(
+        "DNS for {} listening on {} (UDP and TCP)",
+        cfg.zone,
+        server.local_addr()
+    );
+    let reason = shutdown.requested().await;
+    tracing::info!(?reason, "shutting down");
+    let _ = drain.drain(std::time::Duration::from_secs(2)).await;
+    server.shutdown().await?;
+    Ok(())
+}
