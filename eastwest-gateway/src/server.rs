@@ -60,10 +60,18 @@ fn peer_id(conn: &quinn::Connection) -> Option<SpiffeId> {
     isthmus_core::tls::peer_id(&certs)
 }
 
+/// The stream credit a new connection starts with.
+fn initial_stream_credit(limits: &LimitsConfig) -> u32 {
+    limits.max_streams_per_connection.min(16)
+}
+
 fn transport_config(limits: &LimitsConfig) -> Result<quinn::TransportConfig, GatewayError> {
     let mut transport = quinn::TransportConfig::default();
     transport
-        .max_concurrent_bidi_streams(limits.max_streams_per_connection.into())
+        // Start with a small stream credit and raise it as streams are used (serve_connection):
+        // quinn reserves per-stream state for the whole credit, which dominated the memory of
+        // idle connections (115 KiB each at 1,024).
+        .max_concurrent_bidi_streams(initial_stream_credit(limits).into())
         .max_concurrent_uni_streams(0u32.into())
         .stream_receive_window(limits.stream_window.into())
         .receive_window(limits.connection_window.into())
@@ -711,6 +719,8 @@ async fn serve_connection(conn: quinn::Connection, dispatcher: Dispatcher, limit
         .inc();
     metrics.active_connections.inc();
     tracing::debug!(peer = %peer, remote = %conn.remote_address(), "connection accepted");
+    let in_flight = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let mut credit = initial_stream_credit(&limits);
     loop {
         let (send, recv) = match conn.accept_bi().await {
             Ok(stream) => stream,
@@ -719,9 +729,17 @@ async fn serve_connection(conn: quinn::Connection, dispatcher: Dispatcher, limit
                 break;
             }
         };
-        let (dispatcher, limits, peer) = (dispatcher.clone(), limits.clone(), peer.clone());
+        let open = in_flight.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        // Double the credit once half of it is in use, up to the configured limit.
+        if open * 2 >= credit && credit < limits.max_streams_per_connection {
+            credit = (credit * 2).min(limits.max_streams_per_connection);
+            conn.set_max_concurrent_bi_streams(credit.into());
+        }
+        let (dispatcher, limits, peer, in_flight) =
+            (dispatcher.clone(), limits.clone(), peer.clone(), in_flight.clone());
         tokio::spawn(async move {
             serve_stream(send, recv, &dispatcher, &limits, &peer).await;
+            in_flight.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         });
     }
     metrics.active_connections.dec();
