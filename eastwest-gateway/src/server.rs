@@ -735,8 +735,12 @@ async fn serve_connection(conn: quinn::Connection, dispatcher: Dispatcher, limit
             credit = (credit * 2).min(limits.max_streams_per_connection);
             conn.set_max_concurrent_bi_streams(credit.into());
         }
-        let (dispatcher, limits, peer, in_flight) =
-            (dispatcher.clone(), limits.clone(), peer.clone(), in_flight.clone());
+        let (dispatcher, limits, peer, in_flight) = (
+            dispatcher.clone(),
+            limits.clone(),
+            peer.clone(),
+            in_flight.clone(),
+        );
         tokio::spawn(async move {
             serve_stream(send, recv, &dispatcher, &limits, &peer).await;
             in_flight.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
