@@ -13,13 +13,18 @@ use isthmus_core::{Bundle, TrustDomain};
 use isthmus_trust_broker::runtime::Broker;
 use time::OffsetDateTime;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_node_attests_gets_workload_svids_and_follows_rotation() {
-    let dir = std::env::temp_dir().join(format!("isthmus-broker-client-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+/// A broker for `td` in `dir`, a join token for `node`, and entry `entry_id` for `spiffe_id`
+/// assigned to that node.
+async fn broker_with_entry(
+    td: &str,
+    dir: &std::path::Path,
+    node: &str,
+    entry_id: &str,
+    spiffe_id: &str,
+) -> (Broker, String) {
     let mut cfg = isthmus_trust_broker::config::BrokerConfig {
-        trust_domain: Some(TrustDomain::new("west.example").unwrap()),
-        data_dir: dir.clone(),
+        trust_domain: Some(TrustDomain::new(td).unwrap()),
+        data_dir: dir.to_path_buf(),
         ..Default::default()
     };
     cfg.bundle_endpoint.listen = "127.0.0.1:0".parse().unwrap();
@@ -28,7 +33,7 @@ async fn a_node_attests_gets_workload_svids_and_follows_rotation() {
     let mut admin = BrokerAdminClient::new(unix_channel(broker.admin_socket().to_path_buf()));
     let token = admin
         .create_join_token(pb::CreateJoinTokenRequest {
-            node: "node-a".into(),
+            node: node.into(),
             ttl_seconds: 60,
         })
         .await
@@ -37,13 +42,28 @@ async fn a_node_attests_gets_workload_svids_and_follows_rotation() {
         .token;
     admin
         .create_entry(pb::Entry {
-            id: "echo".into(),
-            spiffe_id: "spiffe://west.example/ns/demo/sa/echo".into(),
-            node: "node-a".into(),
+            id: entry_id.into(),
+            spiffe_id: spiffe_id.into(),
+            node: node.into(),
             ..Default::default()
         })
         .await
         .unwrap();
+    (broker, token)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_attests_gets_workload_svids_and_follows_rotation() {
+    let dir = std::env::temp_dir().join(format!("isthmus-broker-client-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let (broker, token) = broker_with_entry(
+        "west.example",
+        &dir,
+        "node-a",
+        "echo",
+        "spiffe://west.example/ns/demo/sa/echo",
+    )
+    .await;
 
     let endpoint = BrokerEndpoint {
         address: broker.api_addr(),
@@ -128,34 +148,15 @@ async fn a_gateway_gets_its_identity_from_the_broker() {
 
     let dir = std::env::temp_dir().join(format!("isthmus-gw-broker-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let mut cfg = isthmus_trust_broker::config::BrokerConfig {
-        trust_domain: Some(TrustDomain::new("east.example").unwrap()),
-        data_dir: dir.join("broker"),
-        ..Default::default()
-    };
-    cfg.bundle_endpoint.listen = "127.0.0.1:0".parse().unwrap();
-    cfg.api.listen = "127.0.0.1:0".parse().unwrap();
-    let broker = Broker::start(&cfg).await.unwrap();
-    let mut admin = BrokerAdminClient::new(unix_channel(broker.admin_socket().to_path_buf()));
-    let token = admin
-        .create_join_token(pb::CreateJoinTokenRequest {
-            node: "gateway-east".into(),
-            ttl_seconds: 60,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .token;
     let gateway_id = "spiffe://east.example/ns/isthmus-system/sa/eastwest-gateway";
-    admin
-        .create_entry(pb::Entry {
-            id: "gateway".into(),
-            spiffe_id: gateway_id.into(),
-            node: "gateway-east".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let (broker, token) = broker_with_entry(
+        "east.example",
+        &dir.join("broker"),
+        "gateway-east",
+        "gateway",
+        gateway_id,
+    )
+    .await;
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(
         dir.join("bundle.json"),

@@ -32,7 +32,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 
 use crate::dispatch::{Backend, Dispatcher, Refusal};
-use crate::metrics::{BytesLabels, GatewayMetrics, PeerLabels};
+use crate::metrics::{GatewayMetrics, PeerLabels};
 use crate::server::GatewayError;
 
 /// The transport label of this front end in [`GatewayMetrics`].
@@ -345,18 +345,7 @@ where
     } = backend;
     let (mut from_backend, mut to_backend) = stream.into_split();
     let (mut from_client, mut to_client) = tokio::io::split(client);
-    let to_backend_bytes = metrics
-        .bytes
-        .get_or_create(&BytesLabels {
-            direction: "to_backend",
-        })
-        .clone();
-    let to_client_bytes = metrics
-        .bytes
-        .get_or_create(&BytesLabels {
-            direction: "to_client",
-        })
-        .clone();
+    let (to_backend_bytes, to_client_bytes) = metrics.byte_counters();
     let upstream = async {
         let mut buf = vec![0u8; RELAY_BUFFER];
         loop {

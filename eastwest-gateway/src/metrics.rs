@@ -102,6 +102,12 @@ impl GatewayMetrics {
             .inc();
     }
 
+    /// The payload byte counters of one tunnelled connection: (to the backend, to the client).
+    pub fn byte_counters(&self) -> (Counter, Counter) {
+        let counter = |direction| self.bytes.get_or_create(&BytesLabels { direction }).clone();
+        (counter("to_backend"), counter("to_client"))
+    }
+
     /// Counts a failed handshake.
     pub fn handshake_failed(&self, reason: &'static str) {
         self.handshake_failures

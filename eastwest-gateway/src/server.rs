@@ -20,7 +20,7 @@ use tokio::task::JoinSet;
 
 use crate::config::{GatewayConfig, LimitsConfig};
 use crate::dispatch::{Backend, Dispatcher, Refusal};
-use crate::metrics::{BytesLabels, GatewayMetrics, PeerLabels};
+use crate::metrics::{GatewayMetrics, PeerLabels};
 use crate::peering::{ExportLog, ImportStore, ImportedPeer, PEER_ALPN};
 
 /// QUIC application error code: the gateway is shutting down.
@@ -838,18 +838,7 @@ async fn splice(
         ..
     } = backend;
     let (mut from_backend, mut to_backend) = stream.into_split();
-    let to_backend_bytes = metrics
-        .bytes
-        .get_or_create(&BytesLabels {
-            direction: "to_backend",
-        })
-        .clone();
-    let to_client_bytes = metrics
-        .bytes
-        .get_or_create(&BytesLabels {
-            direction: "to_client",
-        })
-        .clone();
+    let (to_backend_bytes, to_client_bytes) = metrics.byte_counters();
 
     let upstream = async {
         loop {
