@@ -1,0 +1,1 @@
+//! eBPF connect redirect (being written).

@@ -1,0 +1,1 @@
+//! SPIFFE Workload API (being written).
