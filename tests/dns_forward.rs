@@ -1,0 +1,1 @@
+//! DNS forwarding of names outside the clusterset zone (being written).

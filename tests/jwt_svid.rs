@@ -1,0 +1,1 @@
+//! JWT-SVIDs: broker minting, bundle publication, validation (being written).
