@@ -136,8 +136,21 @@ pub struct JwtAuthority {
     /// JWK `kid`.
     pub kid: String,
     /// The JWK members describing the key (`kty`, `crv`, `x`, `y` or `n`, `e`, …), without
-    /// `use` and `kid`.
+    /// `use` and `kid`. Published as they were read.
     pub key: Map<String, Value>,
+    /// The decoded public key that JWT-SVID signatures are verified with ([`crate::jwt`]).
+    pub public_key: JwkPublicKey,
+}
+
+impl JwtAuthority {
+    /// An authority for `public_key` under `kid`; the JWK members are derived from the key.
+    pub fn new(kid: impl Into<String>, public_key: JwkPublicKey) -> Self {
+        Self {
+            kid: kid.into(),
+            key: jwk_key_members(&public_key),
+            public_key,
+        }
+    }
 }
 
 /// The authorities of one trust domain.
@@ -461,9 +474,9 @@ fn parse_jwt_entry(
     index: usize,
     jwk: &Map<String, Value>,
 ) -> Result<Option<JwtAuthority>, BundleError> {
-    if parse_key_params(index, jwk)?.is_none() {
+    let Some(public_key) = parse_key_params(index, jwk)? else {
         return Ok(None);
-    }
+    };
     let kid = match jwk.get("kid").and_then(Value::as_str) {
         Some(kid) if !kid.is_empty() => kid.to_owned(),
         _ => return Err(BundleError::JwtMissingKid { index }),
@@ -473,7 +486,11 @@ fn parse_jwt_entry(
         .filter(|(k, _)| !matches!(k.as_str(), "use" | "kid" | "x5c"))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
-    Ok(Some(JwtAuthority { kid, key }))
+    Ok(Some(JwtAuthority {
+        kid,
+        key,
+        public_key,
+    }))
 }
 
 /// Decodes a JWK's public key. `None` for a `kty` we do not know (the entry is ignored);
@@ -539,8 +556,8 @@ fn jwk_key_members(key: &JwkPublicKey) -> Map<String, Value> {
 }
 
 /// Entries of a JSON object in document order, duplicates kept (serde_json's own maps keep only
-/// the last duplicate, which would hide a conflicting trust domain).
-struct OrderedEntries(Vec<(String, Value)>);
+/// the last duplicate, which would hide a conflicting trust domain or, in a JWT, a second `alg`).
+pub(crate) struct OrderedEntries(pub(crate) Vec<(String, Value)>);
 
 impl<'de> serde::Deserialize<'de> for OrderedEntries {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {

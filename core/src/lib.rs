@@ -2,7 +2,8 @@
 //!
 //! - Identity: [`SpiffeId`] and [`TrustDomain`] ([`id`]), X.509-SVIDs ([`svid`]), the
 //!   per-trust-domain [`CertificateAuthority`] ([`ca`]), SPIFFE bundles ([`bundle`]) and the
-//!   live [`TrustStore`] ([`trust`]).
+//!   live [`TrustStore`] ([`trust`]), JWT-SVIDs minted by a [`JwtSigner`] and validated against
+//!   a bundle's JWT authorities ([`jwt`]).
 //! - Verification: [`verify::verify_svid_chain`] checks a chain against the bundle of the
 //!   peer's own trust domain; [`tls`] wraps it into rustls verifiers (usable with quinn) and
 //!   serves the current SVID from an [`SvidSource`] so rotation keeps live connections.
@@ -20,6 +21,7 @@ pub mod catalog;
 pub mod config;
 pub mod endpoint;
 pub mod id;
+pub mod jwt;
 pub mod lifecycle;
 pub mod source;
 pub mod svid;
@@ -32,6 +34,7 @@ pub mod x509;
 pub use bundle::Bundle;
 pub use ca::CertificateAuthority;
 pub use id::{SpiffeId, TrustDomain};
+pub use jwt::{JwtSigner, JwtSvid};
 pub use source::SvidSource;
 pub use svid::X509Svid;
 pub use trust::{BundleSet, TrustStore};
