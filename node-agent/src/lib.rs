@@ -1,9 +1,19 @@
 //! The Isthmus node agent.
 //!
-//! - [`workload_api`]: the SPIFFE Workload API on a Unix socket, callers attested from
-//!   `SO_PEERCRED` against the registration entries of this node.
+//! - [`workload_api`]: the SPIFFE Workload API on a Unix socket ([`WorkloadApiServer`]), callers
+//!   attested from `SO_PEERCRED` against the registration entries of this node.
+//! - [`attest`]: a caller's `unix` selectors from its peer credentials and `/proc`.
+//! - [`identities`]: the SVIDs and bundles of every entry assigned to the node, kept current from
+//!   the trust broker and published as snapshots ([`WorkloadIdentities`]).
 //! - [`redirect`]: the eBPF programs (cgroup connect4/connect6, sockops, getpeername4/6) that
 //!   send connects to global-service VIPs to the agent, loaded with aya.
+//!
+//! Start with [`WorkloadIdentities::start`] and [`WorkloadApiServer::start_unix`].
 
+pub mod attest;
+pub mod identities;
 pub mod redirect;
 pub mod workload_api;
+
+pub use identities::{IdentitySnapshot, WorkloadIdentities};
+pub use workload_api::WorkloadApiServer;
