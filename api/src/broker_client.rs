@@ -1,13 +1,15 @@
 //! The client side of the trust broker's issuance API, for node agents and standalone
 //! gateways: attest the node with a one-time join token, obtain SVIDs for the registration
-//! entries assigned to it, keep them fresh (half-life, and at once when the broker's signing
-//! root changes), and follow the broker's bundle stream into a live [`TrustStore`].
+//! entries assigned to it (X.509-SVIDs kept fresh at half-life and at once when the broker's
+//! signing root changes; JWT-SVIDs minted on request), and follow the broker's bundle stream
+//! into a live [`TrustStore`], JWT authorities included.
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use isthmus_core::jwt::{self, JwtError, JwtSvid};
 use isthmus_core::lifecycle::DrainWatch;
 use isthmus_core::tls::{AllowIds, MtlsSettings};
 use isthmus_core::{Bundle, SpiffeId, SvidSource, TrustDomain, TrustStore, X509Svid};
@@ -41,6 +43,10 @@ pub enum BrokerClientError {
         reason: String,
     },
 }
+
+/// How long [`NodeIdentity::jwt_svid`] waits for the bundle stream to bring a JWT key it does
+/// not hold yet (a token signed right after `rotate-ca --now`).
+pub const JWT_KEY_CATCH_UP: Duration = Duration::from_secs(3);
 
 fn call(call: &'static str) -> impl Fn(tonic::Status) -> BrokerClientError {
     move |status| BrokerClientError::Call {
@@ -236,6 +242,62 @@ impl NodeIdentity {
             .map_err(call("SignWorkloadSvids"))?
             .into_inner();
         svid_from("SignWorkloadSvids", response.svids.into_iter().next(), &key)
+    }
+
+    /// A JWT-SVID for one of this node's entries, with `audience` as its `aud` (at least one
+    /// value; the broker refuses an empty list with `InvalidArgument`). The token is validated
+    /// against this node's trust store before it is returned, for the first audience, and must
+    /// carry every requested audience. A token signed by a key the trust store does not hold yet
+    /// (the broker rotated with `--now`) is validated again when the bundle stream delivers,
+    /// for at most [`JWT_KEY_CATCH_UP`]; run [`Self::maintain`] so that it does.
+    pub async fn jwt_svid(
+        &self,
+        entry_id: &str,
+        audience: &[String],
+    ) -> Result<JwtSvid, BrokerClientError> {
+        const CALL: &str = "MintJwtSvid";
+        let invalid = |reason: String| BrokerClientError::Invalid { call: CALL, reason };
+        let response = self
+            .client
+            .clone()
+            .mint_jwt_svid(pb::MintJwtSvidRequest {
+                entry_id: entry_id.to_owned(),
+                audience: audience.to_vec(),
+            })
+            .await
+            .map_err(call(CALL))?
+            .into_inner();
+        let minted = response.svid.ok_or_else(|| invalid("no JWT-SVID".into()))?;
+        let first = audience
+            .first()
+            .ok_or_else(|| invalid("minted a JWT-SVID without an audience".into()))?;
+        let mut changes = self.trust.subscribe();
+        let deadline = tokio::time::Instant::now() + JWT_KEY_CATCH_UP;
+        let svid = loop {
+            let result = jwt::validate(&minted.token, first, &self.trust.snapshot());
+            if matches!(result, Err(JwtError::UnknownKeyId { .. })) {
+                let delivered = tokio::time::timeout_at(deadline, changes.changed()).await;
+                if matches!(delivered, Ok(Ok(()))) {
+                    continue;
+                }
+            }
+            break result.map_err(|e| invalid(e.to_string()))?;
+        };
+        if svid.spiffe_id.as_str() != minted.spiffe_id
+            || svid.expiry.unix_timestamp() != minted.expires_at
+        {
+            return Err(invalid(format!(
+                "token is for {} until {}, the answer says {} until {}",
+                svid.spiffe_id,
+                svid.expiry.unix_timestamp(),
+                minted.spiffe_id,
+                minted.expires_at
+            )));
+        }
+        if let Some(missing) = audience.iter().find(|a| !svid.audience.contains(a)) {
+            return Err(invalid(format!("token lacks the audience {missing:?}")));
+        }
+        Ok(svid)
     }
 
     /// An SVID source for an entry, renewed at half-life and whenever the broker's signing

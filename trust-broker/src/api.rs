@@ -9,6 +9,7 @@ use isthmus_api::broker::broker_admin_server::BrokerAdmin;
 use isthmus_api::broker::issuance_server::Issuance;
 use isthmus_api::broker::{self as pb};
 use isthmus_api::transport::PeerIdentity;
+use isthmus_core::jwt::{DEFAULT_JWT_TTL, JwtError, JwtSvid};
 use isthmus_core::{SpiffeId, TrustDomain, TrustStore};
 use rustls_pki_types::CertificateDer;
 use time::OffsetDateTime;
@@ -98,7 +99,33 @@ fn authority_status(e: AuthorityError) -> Status {
         AuthorityError::Ca(isthmus_core::ca::CaError::BadCsr(e)) => {
             Status::invalid_argument(format!("invalid CSR: {e}"))
         }
+        AuthorityError::Jwt(
+            e @ (JwtError::NoAudience | JwtError::NotAWorkloadId(_) | JwtError::BadTtl(_)),
+        ) => Status::invalid_argument(e.to_string()),
+        e @ AuthorityError::ForeignJwtSubject { .. } => Status::invalid_argument(e.to_string()),
         other => internal(other),
+    }
+}
+
+/// The audience of a JWT-SVID request: at least one value (SPIRE's message when there is
+/// none), and no empty value.
+fn check_audience(audience: &[String]) -> Result<(), Status> {
+    if audience.is_empty() {
+        return Err(Status::invalid_argument("audience must be specified"));
+    }
+    if audience.iter().any(String::is_empty) {
+        return Err(Status::invalid_argument(
+            "audience must not contain empty values",
+        ));
+    }
+    Ok(())
+}
+
+fn to_pb_jwt(svid: &JwtSvid) -> pb::JwtSvid {
+    pb::JwtSvid {
+        spiffe_id: svid.spiffe_id.to_string(),
+        token: svid.token.clone(),
+        expires_at: svid.expiry.unix_timestamp(),
     }
 }
 
@@ -213,6 +240,7 @@ pub struct IssuanceService {
     trust: TrustStore,
     attestors: Vec<Arc<dyn NodeAttestor>>,
     node_ttl: Duration,
+    jwt_ttl: Duration,
     metrics: BrokerMetrics,
 }
 
@@ -232,8 +260,17 @@ impl IssuanceService {
             trust,
             attestors,
             node_ttl,
+            jwt_ttl: DEFAULT_JWT_TTL,
             metrics,
         }
+    }
+
+    /// Sets the lifetime of JWT-SVIDs for entries without their own TTL (default
+    /// [`DEFAULT_JWT_TTL`], 5 minutes).
+    #[must_use]
+    pub fn with_jwt_ttl(mut self, ttl: Duration) -> Self {
+        self.jwt_ttl = ttl;
+        self
     }
 
     fn calling_node<T>(&self, request: &Request<T>) -> Result<String, Status> {
@@ -389,6 +426,45 @@ impl Issuance for IssuanceService {
         Ok(Response::new(pb::SignWorkloadSvidsResponse { svids }))
     }
 
+    async fn mint_jwt_svid(
+        &self,
+        request: Request<pb::MintJwtSvidRequest>,
+    ) -> Result<Response<pb::MintJwtSvidResponse>, Status> {
+        let node = self.calling_node(&request)?;
+        let req = request.into_inner();
+        if let Err(status) = check_audience(&req.audience) {
+            self.metrics.denied("no_audience");
+            return Err(status);
+        }
+        let entries = self.store.entries().map_err(internal)?;
+        let entry = entries
+            .iter()
+            .find(|e| e.id == req.entry_id && e.node == node)
+            .ok_or_else(|| {
+                self.metrics.denied("entry_not_assigned");
+                tracing::warn!(node = %node, entry = %req.entry_id, "JWT-SVID refused: entry not assigned to node");
+                Status::permission_denied(format!(
+                    "entry {:?} is not assigned to node {node}",
+                    req.entry_id
+                ))
+            })?;
+        let ttl = entry.ttl_seconds.map_or(self.jwt_ttl, Duration::from_secs);
+        let svid = self
+            .authority
+            .mint_jwt_svid(
+                &entry.spiffe_id,
+                &req.audience,
+                ttl,
+                OffsetDateTime::now_utc(),
+            )
+            .map_err(authority_status)?;
+        self.metrics.issued("jwt");
+        tracing::debug!(node = %node, entry = %entry.id, spiffe_id = %svid.spiffe_id, kid = %svid.key_id, "minted JWT-SVID");
+        Ok(Response::new(pb::MintJwtSvidResponse {
+            svid: Some(to_pb_jwt(&svid)),
+        }))
+    }
+
     type WatchBundlesStream = BundleStream;
 
     async fn watch_bundles(
@@ -472,6 +548,7 @@ pub struct AdminService {
     store: Arc<BrokerStore>,
     federation: Arc<dyn FederationControl>,
     status: Arc<dyn StatusSource>,
+    jwt_ttl: Duration,
 }
 
 impl AdminService {
@@ -487,7 +564,15 @@ impl AdminService {
             store,
             federation,
             status,
+            jwt_ttl: DEFAULT_JWT_TTL,
         }
+    }
+
+    /// Sets the default lifetime of minted JWT-SVIDs (default [`DEFAULT_JWT_TTL`]).
+    #[must_use]
+    pub fn with_jwt_ttl(mut self, ttl: Duration) -> Self {
+        self.jwt_ttl = ttl;
+        self
     }
 }
 
@@ -652,6 +737,29 @@ impl BrokerAdmin for AdminService {
             cert_chain_pem: isthmus_core::x509::certs_to_pem(svid.chain()),
             key_pem: pkcs8_pem(svid.key().secret_pkcs8_der()),
             bundle_json: self.authority.bundle().to_json().map_err(internal)?,
+        }))
+    }
+
+    async fn mint_jwt_svid(
+        &self,
+        request: Request<pb::AdminMintJwtSvidRequest>,
+    ) -> Result<Response<pb::MintJwtSvidResponse>, Status> {
+        let req = request.into_inner();
+        let id = SpiffeId::parse(&req.spiffe_id)
+            .map_err(|e| Status::invalid_argument(format!("spiffe_id: {e}")))?;
+        check_audience(&req.audience)?;
+        let ttl = if req.ttl_seconds == 0 {
+            self.jwt_ttl
+        } else {
+            Duration::from_secs(req.ttl_seconds)
+        };
+        let svid = self
+            .authority
+            .mint_jwt_svid(&id, &req.audience, ttl, OffsetDateTime::now_utc())
+            .map_err(authority_status)?;
+        tracing::info!(spiffe_id = %id, kid = %svid.key_id, "minted JWT-SVID");
+        Ok(Response::new(pb::MintJwtSvidResponse {
+            svid: Some(to_pb_jwt(&svid)),
         }))
     }
 

@@ -5,18 +5,27 @@
 //! it can have signed has expired. The CA set and the sequence are stored as one value, so a
 //! crash between the two steps leaves a published-but-not-yet-active root that the next step
 //! (or the next start) activates; nothing is ever signed by an unpublished root.
+//!
+//! Every root is paired with a JWT-SVID signing key (ES256) that shares its lifecycle: published
+//! in the bundle as a `jwt-svid` JWK together with the root, signing JWT-SVIDs once the root is
+//! active, its private key forgotten when the root retires, and its public key removed from the
+//! bundle with the root. A JWT-SVID lives at most `max_leaf_ttl` and never past its root's
+//! NotAfter, so it has expired by the time its key leaves the bundle, exactly like a leaf.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use isthmus_core::bundle::JwtAuthority;
 use isthmus_core::ca::{CaError, CertificateAuthority};
+use isthmus_core::jwt::{JwtError, JwtSigner, JwtSvid};
+use isthmus_core::x509::JwkPublicKey;
 use isthmus_core::{Bundle, SpiffeId, TrustDomain, X509Svid};
 use rustls_pki_types::{CertificateDer, PrivatePkcs8KeyDer};
 use serde::Serialize;
 use time::OffsetDateTime;
 use tokio::sync::watch;
 
-use crate::store::{AuthorityState, BrokerStore, CaStatus, StoreError, StoredCa};
+use crate::store::{AuthorityState, BrokerStore, CaStatus, StoreError, StoredCa, StoredJwtKey};
 
 /// Why the authority failed.
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +39,17 @@ pub enum AuthorityError {
     /// The stored CA set is inconsistent.
     #[error("BUG: stored CA set is inconsistent: {0}")]
     Inconsistent(String),
+    /// JWT-SVID key generation or minting failed.
+    #[error(transparent)]
+    Jwt(#[from] JwtError),
+    /// A JWT-SVID was requested for an ID of another trust domain.
+    #[error("cannot mint a JWT-SVID for {id}: not an ID of trust domain {trust_domain}")]
+    ForeignJwtSubject {
+        /// The requested ID.
+        id: SpiffeId,
+        /// This authority's trust domain.
+        trust_domain: TrustDomain,
+    },
 }
 
 /// Lifetimes and schedule of the CA.
@@ -74,6 +94,9 @@ pub struct RootStatus {
     /// When a retired root leaves the bundle.
     #[serde(with = "time::serde::rfc3339::option")]
     pub remove_after: Option<OffsetDateTime>,
+    /// `kid` of the JWT-SVID key paired with this root.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jwt_key_id: Option<String>,
 }
 
 /// What a rotation did.
@@ -90,6 +113,8 @@ pub struct Rotation {
 struct Inner {
     state: AuthorityState,
     active: Arc<CertificateAuthority>,
+    /// The active root's JWT-SVID key.
+    jwt: Arc<JwtSigner>,
 }
 
 /// The CA of one trust domain, backed by the durable store.
@@ -112,10 +137,11 @@ impl std::fmt::Debug for Authority {
 fn to_stored(
     id: u64,
     ca: &CertificateAuthority,
+    jwt: &JwtSigner,
     status: CaStatus,
     now: OffsetDateTime,
-) -> StoredCa {
-    StoredCa {
+) -> Result<StoredCa, AuthorityError> {
+    Ok(StoredCa {
         id,
         cert_der: ca.certificate().to_vec(),
         key_pkcs8: ca.private_key().secret_pkcs8_der().to_vec(),
@@ -125,7 +151,24 @@ fn to_stored(
         activated_at: (status == CaStatus::Active).then_some(now),
         retired_at: None,
         remove_after: None,
-    }
+        jwt_key: Some(to_stored_jwt(jwt)?),
+    })
+}
+
+fn to_stored_jwt(jwt: &JwtSigner) -> Result<StoredJwtKey, AuthorityError> {
+    let JwkPublicKey::Ec { crv: "P-256", x, y } = jwt.public_authority().public_key else {
+        return Err(AuthorityError::Inconsistent(
+            "JWT signing key is not P-256".into(),
+        ));
+    };
+    let mut public_point = vec![0x04];
+    public_point.extend_from_slice(&x);
+    public_point.extend_from_slice(&y);
+    Ok(StoredJwtKey {
+        kid: jwt.kid().to_owned(),
+        key_pkcs8: jwt.to_pkcs8(),
+        public_point,
+    })
 }
 
 fn load_ca(td: &TrustDomain, stored: &StoredCa) -> Result<CertificateAuthority, AuthorityError> {
@@ -134,6 +177,59 @@ fn load_ca(td: &TrustDomain, stored: &StoredCa) -> Result<CertificateAuthority, 
         CertificateDer::from(stored.cert_der.clone()),
         PrivatePkcs8KeyDer::from(stored.key_pkcs8.clone()),
     )?)
+}
+
+/// The signing half of a root's JWT key (the root must not be retired).
+fn load_jwt(stored: &StoredCa) -> Result<JwtSigner, AuthorityError> {
+    let key = stored.jwt_key.as_ref().ok_or_else(|| {
+        AuthorityError::Inconsistent(format!("root {} has no JWT key", stored.id))
+    })?;
+    let signer = JwtSigner::from_pkcs8(&key.key_pkcs8)?;
+    if signer.kid() != key.kid {
+        return Err(AuthorityError::Inconsistent(format!(
+            "JWT key of root {} has kid {}, stored as {}",
+            stored.id,
+            signer.kid(),
+            key.kid
+        )));
+    }
+    Ok(signer)
+}
+
+/// The public half of a root's JWT key, as the bundle publishes it.
+fn jwt_authority(key: &StoredJwtKey) -> Result<JwtAuthority, AuthorityError> {
+    let point = &key.public_point;
+    if point.len() != 65 || point[0] != 0x04 {
+        return Err(AuthorityError::Inconsistent(format!(
+            "JWT key {} has a {}-byte public key, not an uncompressed P-256 point",
+            key.kid,
+            point.len()
+        )));
+    }
+    Ok(JwtAuthority::new(
+        key.kid.clone(),
+        JwkPublicKey::Ec {
+            crv: "P-256",
+            x: point[1..33].to_vec(),
+            y: point[33..].to_vec(),
+        },
+    ))
+}
+
+/// Stores written before JWT-SVIDs have roots without a JWT key: give one to every root that
+/// signs or will sign. Returns whether anything was added (the bundle changed).
+fn add_missing_jwt_keys(state: &mut AuthorityState) -> Result<bool, AuthorityError> {
+    let mut added = false;
+    for ca in &mut state.authorities {
+        if ca.status != CaStatus::Retired && ca.jwt_key.is_none() {
+            ca.jwt_key = Some(to_stored_jwt(&JwtSigner::generate()?)?);
+            added = true;
+        }
+    }
+    if added {
+        state.sequence += 1;
+    }
+    Ok(added)
 }
 
 impl Authority {
@@ -146,15 +242,23 @@ impl Authority {
         now: OffsetDateTime,
     ) -> Result<Self, AuthorityError> {
         let state = match store.load_authority()? {
-            Some(state) => state,
+            Some(mut state) => {
+                if add_missing_jwt_keys(&mut state)? {
+                    Self::build_bundle(&trust_domain, &state, &options)?;
+                    store.save_authority(&state)?;
+                    tracing::info!(trust_domain = %trust_domain, sequence = state.sequence, "added JWT-SVID keys to the stored roots");
+                }
+                state
+            }
             None => {
                 let ca = CertificateAuthority::generate(trust_domain.clone(), now, options.ca_ttl)?;
+                let jwt = JwtSigner::generate()?;
                 let state = AuthorityState {
                     sequence: 1,
-                    authorities: vec![to_stored(1, &ca, CaStatus::Active, now)],
+                    authorities: vec![to_stored(1, &ca, &jwt, CaStatus::Active, now)?],
                 };
                 store.save_authority(&state)?;
-                tracing::info!(trust_domain = %trust_domain, "created root CA");
+                tracing::info!(trust_domain = %trust_domain, jwt_kid = jwt.kid(), "created root CA");
                 state
             }
         };
@@ -164,13 +268,14 @@ impl Authority {
             .find(|ca| ca.status == CaStatus::Active)
             .ok_or_else(|| AuthorityError::Inconsistent("no active root".into()))?;
         let active = Arc::new(load_ca(&trust_domain, active_stored)?);
-        let bundle = Self::build_bundle(&trust_domain, &state, &options);
+        let jwt = Arc::new(load_jwt(active_stored)?);
+        let bundle = Self::build_bundle(&trust_domain, &state, &options)?;
         let (tx, _rx) = watch::channel(Arc::new(bundle));
         let authority = Self {
             trust_domain,
             store,
             options,
-            inner: Mutex::new(Inner { state, active }),
+            inner: Mutex::new(Inner { state, active, jwt }),
             bundle: tx,
         };
         // Finish whatever a crash interrupted (a prepared root, an expired retired root).
@@ -188,7 +293,7 @@ impl Authority {
         trust_domain: &TrustDomain,
         state: &AuthorityState,
         options: &AuthorityOptions,
-    ) -> Bundle {
+    ) -> Result<Bundle, AuthorityError> {
         let mut bundle = Bundle::with_x509_authorities(
             trust_domain.clone(),
             state
@@ -197,15 +302,23 @@ impl Authority {
                 .map(|ca| CertificateDer::from(ca.cert_der.clone()))
                 .collect(),
         );
+        for key in state
+            .authorities
+            .iter()
+            .filter_map(|ca| ca.jwt_key.as_ref())
+        {
+            bundle.add_jwt_authority(jwt_authority(key)?);
+        }
         bundle.set_sequence(Some(state.sequence));
         bundle.set_refresh_hint(Some(options.refresh_hint));
-        bundle
+        Ok(bundle)
     }
 
     /// Stores `next` (flushed), then publishes its bundle.
     fn commit(&self, inner: &mut Inner, next: AuthorityState) -> Result<(), AuthorityError> {
+        // Built first: a state whose bundle cannot be built is never stored.
+        let bundle = Self::build_bundle(&self.trust_domain, &next, &self.options)?;
         self.store.save_authority(&next)?;
-        let bundle = Self::build_bundle(&self.trust_domain, &next, &self.options);
         inner.state = next;
         self.bundle.send_replace(Arc::new(bundle));
         Ok(())
@@ -245,6 +358,7 @@ impl Authority {
                     not_before: facts.not_before,
                     not_after: facts.not_after,
                     remove_after: ca.remove_after,
+                    jwt_key_id: ca.jwt_key.as_ref().map(|k| k.kid.clone()),
                 })
             })
             .collect()
@@ -286,6 +400,43 @@ impl Authority {
         let leaf =
             active.sign_leaf_numbered(id, &csr.public_key, self.leaf_ttl(ttl), now, serial)?;
         Ok(vec![leaf])
+    }
+
+    /// Mints a JWT-SVID for `id` (an ID of this trust domain, with a path) with the active
+    /// root's JWT key, valid for `ttl` capped at `max_leaf_ttl` and at the root's NotAfter (so
+    /// it has expired by the time its key leaves the bundle).
+    pub fn mint_jwt_svid(
+        &self,
+        id: &SpiffeId,
+        audience: &[String],
+        ttl: Duration,
+        now: OffsetDateTime,
+    ) -> Result<JwtSvid, AuthorityError> {
+        if id.trust_domain_name() != self.trust_domain.name() {
+            return Err(AuthorityError::ForeignJwtSubject {
+                id: id.clone(),
+                trust_domain: self.trust_domain.clone(),
+            });
+        }
+        let (signer, ca_not_after) = {
+            let inner = self.lock();
+            (inner.jwt.clone(), inner.active.not_after())
+        };
+        let remaining = Duration::try_from(ca_not_after - now).unwrap_or(Duration::ZERO);
+        let ttl = ttl.min(self.options.max_leaf_ttl).min(remaining);
+        if ttl < Duration::from_secs(1) {
+            return Err(CaError::CaExpired {
+                id: id.clone(),
+                ca_not_after,
+            }
+            .into());
+        }
+        Ok(signer.sign_at(id, audience, ttl, now)?)
+    }
+
+    /// `kid` of the JWT key that signs JWT-SVIDs now.
+    pub fn jwt_key_id(&self) -> String {
+        self.lock().jwt.kid().to_owned()
     }
 
     /// Requests a rotation: a new root is published now (sequence + 1, flushed) and starts
@@ -355,14 +506,15 @@ impl Authority {
     ) -> Result<(), AuthorityError> {
         let ca =
             CertificateAuthority::generate(self.trust_domain.clone(), now, self.options.ca_ttl)?;
+        let jwt = JwtSigner::generate()?;
         let mut next = inner.state.clone();
         let id = next.authorities.iter().map(|c| c.id).max().unwrap_or(0) + 1;
-        let mut stored = to_stored(id, &ca, CaStatus::Prepared, now);
+        let mut stored = to_stored(id, &ca, &jwt, CaStatus::Prepared, now)?;
         stored.activate_after = activate_after;
         next.authorities.push(stored);
         next.sequence += 1;
         self.commit(inner, next)?;
-        tracing::info!(trust_domain = %self.trust_domain, sequence = inner.state.sequence, "published new root CA");
+        tracing::info!(trust_domain = %self.trust_domain, sequence = inner.state.sequence, jwt_kid = jwt.kid(), "published new root CA and JWT key");
         Ok(())
     }
 
@@ -379,6 +531,7 @@ impl Authority {
             .position(|ca| ca.status == CaStatus::Prepared)
             .ok_or_else(|| AuthorityError::Inconsistent("no prepared root".into()))?;
         let new_active = Arc::new(load_ca(&self.trust_domain, &next.authorities[prepared])?);
+        let new_jwt = Arc::new(load_jwt(&next.authorities[prepared])?);
         let mut remove_after = now;
         for ca in &mut next.authorities {
             if ca.status == CaStatus::Active {
@@ -388,8 +541,12 @@ impl Authority {
                 // Its last leaf was signed no later than now and lives at most max_leaf_ttl.
                 remove_after = not_after.min(now + self.options.max_leaf_ttl);
                 ca.status = CaStatus::Retired;
-                // A retired root never signs again: forget its key.
+                // A retired root never signs again: forget its keys (the JWT key's public half
+                // stays in the bundle).
                 ca.key_pkcs8.clear();
+                if let Some(jwt) = &mut ca.jwt_key {
+                    jwt.key_pkcs8.clear();
+                }
                 ca.retired_at = Some(now);
                 ca.remove_after = Some(remove_after);
             }
@@ -399,7 +556,8 @@ impl Authority {
         // The bundle's content is unchanged (same roots), so the sequence stays.
         self.commit(inner, next)?;
         inner.active = new_active;
-        tracing::info!(trust_domain = %self.trust_domain, remove_old_after = %remove_after, "activated new root CA");
+        inner.jwt = new_jwt;
+        tracing::info!(trust_domain = %self.trust_domain, remove_old_after = %remove_after, jwt_kid = inner.jwt.kid(), "activated new root CA and JWT key");
         Ok(remove_after)
     }
 
@@ -570,6 +728,153 @@ mod tests {
         let again = open(&dir, t0);
         assert_eq!(again.sequence(), 3);
         assert_eq!(again.bundle().x509_authorities(), &[root]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn jwt_keys_rotate_with_their_roots() {
+        use isthmus_core::jwt::validate_at;
+
+        let dir =
+            std::env::temp_dir().join(format!("isthmus-authority-jwt-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let t0 = OffsetDateTime::now_utc();
+        let authority = open(&dir, t0);
+        let id = SpiffeId::parse("spiffe://east.example/ns/demo/sa/echo").unwrap();
+        let audience = vec!["db".to_owned()];
+        let first_kid = authority.jwt_key_id();
+        let bundle = authority.bundle();
+        assert_eq!(
+            bundle.jwt_authorities().keys().collect::<Vec<_>>(),
+            [&first_kid]
+        );
+        let old = authority
+            .mint_jwt_svid(&id, &audience, Duration::from_secs(300), t0)
+            .unwrap();
+        assert_eq!(old.key_id, first_kid);
+        // Capped at max_leaf_ttl (600 s here), like a leaf.
+        let long = authority
+            .mint_jwt_svid(&id, &audience, Duration::from_secs(7200), t0)
+            .unwrap();
+        assert_eq!(long.expiry.unix_timestamp(), t0.unix_timestamp() + 600);
+        let foreign = SpiffeId::parse("spiffe://west.example/a").unwrap();
+        assert!(matches!(
+            authority.mint_jwt_svid(&foreign, &audience, Duration::from_secs(60), t0),
+            Err(AuthorityError::ForeignJwtSubject { .. })
+        ));
+        assert!(matches!(
+            authority.mint_jwt_svid(&id, &[], Duration::from_secs(60), t0),
+            Err(AuthorityError::Jwt(isthmus_core::jwt::JwtError::NoAudience))
+        ));
+        // Past the root's NotAfter nothing is minted.
+        assert!(matches!(
+            authority.mint_jwt_svid(
+                &id,
+                &audience,
+                Duration::from_secs(60),
+                t0 + Duration::from_secs(3600)
+            ),
+            Err(AuthorityError::Ca(CaError::CaExpired { .. }))
+        ));
+
+        // A rotation publishes the new JWT key with the new root; signing moves at activation.
+        let rotation = authority.rotate(t0).unwrap();
+        assert_eq!(authority.bundle().jwt_authorities().len(), 2);
+        assert_eq!(authority.jwt_key_id(), first_kid);
+        assert_eq!(
+            authority
+                .mint_jwt_svid(&id, &audience, Duration::from_secs(60), t0)
+                .unwrap()
+                .key_id,
+            first_kid
+        );
+        assert!(authority.tick(rotation.activates_at).unwrap());
+        let new_kid = authority.jwt_key_id();
+        assert_ne!(new_kid, first_kid);
+        let new = authority
+            .mint_jwt_svid(
+                &id,
+                &audience,
+                Duration::from_secs(300),
+                rotation.activates_at,
+            )
+            .unwrap();
+        assert_eq!(new.key_id, new_kid);
+        let set = BundleSet::new([Bundle::clone(&authority.bundle())]);
+        validate_at(&old.token, "db", &set, t0).unwrap();
+        validate_at(&new.token, "db", &set, rotation.activates_at).unwrap();
+        assert_eq!(
+            authority
+                .roots()
+                .iter()
+                .map(|r| r.jwt_key_id.clone())
+                .collect::<Vec<_>>(),
+            [Some(first_kid.clone()), Some(new_kid.clone())]
+        );
+
+        // The old key leaves with the old root, after every token it signed has expired.
+        let remove_after = authority
+            .roots()
+            .iter()
+            .find_map(|r| r.remove_after)
+            .unwrap();
+        assert!(long.expiry <= remove_after);
+        assert!(authority.tick(remove_after).unwrap());
+        assert_eq!(
+            authority
+                .bundle()
+                .jwt_authorities()
+                .keys()
+                .collect::<Vec<_>>(),
+            [&new_kid]
+        );
+        drop(authority);
+        // Reopening keeps the signing key.
+        let again = open(&dir, t0);
+        assert_eq!(again.jwt_key_id(), new_kid);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn stores_without_jwt_keys_get_them_on_open() {
+        let dir =
+            std::env::temp_dir().join(format!("isthmus-authority-upgrade-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let t0 = OffsetDateTime::now_utc();
+        let authority = open(&dir, t0);
+        authority.rotate_now(t0).unwrap();
+        let sequence = authority.sequence();
+        drop(authority);
+        // What a broker from before JWT-SVIDs stored: no JWT key on any root.
+        {
+            let store = BrokerStore::open(&dir).unwrap();
+            let mut state = store.load_authority().unwrap().unwrap();
+            for ca in &mut state.authorities {
+                ca.jwt_key = None;
+            }
+            store.save_authority(&state).unwrap();
+        }
+        let authority = open(&dir, t0);
+        // Only the active root gets a key (the retired one never signs again), and the
+        // changed bundle gets a new sequence.
+        assert_eq!(authority.sequence(), sequence + 1);
+        let bundle = authority.bundle();
+        assert_eq!(
+            bundle.jwt_authorities().keys().collect::<Vec<_>>(),
+            [&authority.jwt_key_id()]
+        );
+        let id = SpiffeId::parse("spiffe://east.example/a").unwrap();
+        let svid = authority
+            .mint_jwt_svid(&id, &["db".to_owned()], Duration::from_secs(60), t0)
+            .unwrap();
+        isthmus_core::jwt::validate_at(
+            &svid.token,
+            "db",
+            &BundleSet::new([Bundle::clone(&bundle)]),
+            t0,
+        )
+        .unwrap();
+        drop(authority);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

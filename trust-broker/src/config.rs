@@ -117,8 +117,10 @@ pub struct BrokerConfig {
     pub ca_ttl: HumanDuration,
     /// Default lifetime of issued SVIDs.
     pub leaf_ttl: HumanDuration,
-    /// Longest SVID lifetime an entry may ask for.
+    /// Longest SVID lifetime an entry may ask for (X.509 and JWT).
     pub max_leaf_ttl: HumanDuration,
+    /// Lifetime of JWT-SVIDs for entries without their own TTL (SPIRE's default, 5 minutes).
+    pub jwt_svid_ttl: HumanDuration,
     /// How long a root requested with `rotate-ca` is published before it signs, so that
     /// federated peers fetch it first (SPIFFE Federation §4.1 suggests 3–5 refresh hints).
     pub rotation_activation_delay: HumanDuration,
@@ -143,6 +145,7 @@ impl Default for BrokerConfig {
             ca_ttl: HumanDuration(isthmus_core::ca::DEFAULT_CA_TTL),
             leaf_ttl: HumanDuration(isthmus_core::ca::DEFAULT_LEAF_TTL),
             max_leaf_ttl: HumanDuration::from_secs(4 * 3600),
+            jwt_svid_ttl: HumanDuration(isthmus_core::jwt::DEFAULT_JWT_TTL),
             rotation_activation_delay: HumanDuration::from_secs(900),
             shutdown_grace: HumanDuration::from_secs(10),
             bundle_endpoint: BundleEndpointConfig::default(),
@@ -208,6 +211,18 @@ impl Validate for BrokerConfig {
             return Err(ConfigError::validation(
                 "max_leaf_ttl",
                 format!("must be at least leaf_ttl ({})", self.leaf_ttl),
+            ));
+        }
+        if self.jwt_svid_ttl.get() < std::time::Duration::from_secs(1) {
+            return Err(ConfigError::validation(
+                "jwt_svid_ttl",
+                "must be at least one second",
+            ));
+        }
+        if self.jwt_svid_ttl > self.max_leaf_ttl {
+            return Err(ConfigError::validation(
+                "jwt_svid_ttl",
+                format!("must be at most max_leaf_ttl ({})", self.max_leaf_ttl),
             ));
         }
         // A root must outlive the longest leaf it signs by a margin, or rotation could not
@@ -317,5 +332,9 @@ bundleEndpointProfile = { type = "https_spiffe", endpointSPIFFEID = "spiffe://ea
         assert_eq!(e.field(), Some("federation[0].bundleEndpointURL"));
         let e = load("trust_domain = \"west.example\"\nca_ttl = \"1h\"\n").unwrap_err();
         assert_eq!(e.field(), Some("ca_ttl"));
+        let e = load("trust_domain = \"west.example\"\njwt_svid_ttl = \"5h\"\n").unwrap_err();
+        assert_eq!(e.field(), Some("jwt_svid_ttl"));
+        let cfg = load("trust_domain = \"west.example\"\njwt_svid_ttl = \"90s\"\n").unwrap();
+        assert_eq!(cfg.jwt_svid_ttl.get(), std::time::Duration::from_secs(90));
     }
 }

@@ -882,6 +882,7 @@ impl BundleFetcher {
                 profile: relationship.bundle_endpoint_profile.name().to_owned(),
                 sequence: held.as_ref().and_then(Bundle::sequence),
                 x509_authorities: held.as_ref().map_or(0, |b| b.x509_authorities().len()),
+                jwt_authorities: held.as_ref().map_or(0, |b| b.jwt_authorities().len()),
                 fetched_at,
                 ..FederationStatus::default()
             };
@@ -1002,10 +1003,12 @@ impl BundleFetcher {
         self.ctx.metrics.record_held(&fetched, now);
         let sequence = fetched.sequence();
         let x509_authorities = fetched.x509_authorities().len();
+        let jwt_authorities = fetched.jwt_authorities().len();
         let previous = self.held.replace(fetched).and_then(|b| b.sequence());
         self.ctx.status.update(td, |status| {
             status.sequence = sequence;
             status.x509_authorities = x509_authorities;
+            status.jwt_authorities = jwt_authorities;
             status.fetched_at = Some(now);
         });
         Ok(FetchOutcome::Updated { previous, sequence })

@@ -14,7 +14,7 @@ use crate::store::CaStatus;
 /// Labels of issued SVIDs.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct IssueLabels {
-    /// `node` or `workload`.
+    /// `node` or `workload` (X.509-SVIDs), `jwt` (JWT-SVIDs for workload entries).
     pub kind: &'static str,
 }
 
@@ -30,7 +30,7 @@ pub struct AttestLabels {
 /// Labels of refused issuance requests.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DeniedLabels {
-    /// `not_a_node`, `entry_not_assigned`, `bad_csr`.
+    /// `not_a_node`, `entry_not_assigned`, `bad_csr`, `no_audience`.
     pub reason: &'static str,
 }
 
@@ -58,7 +58,7 @@ impl BrokerMetrics {
         let sub = registry.sub_registry("broker");
         sub.register(
             "svids_issued",
-            "SVIDs issued, by kind",
+            "SVIDs issued, by kind (node, workload: X.509; jwt: JWT-SVIDs)",
             metrics.svids_issued.clone(),
         );
         sub.register(

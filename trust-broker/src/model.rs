@@ -190,6 +190,9 @@ pub struct FederationStatus {
     pub sequence: Option<u64>,
     /// Number of X.509 authorities in the bundle we hold.
     pub x509_authorities: usize,
+    /// Number of JWT authorities (JWT-SVID keys) in the bundle we hold.
+    #[serde(default)]
+    pub jwt_authorities: usize,
     /// When the held bundle was fetched (or bootstrapped).
     #[serde(with = "time::serde::rfc3339::option", default)]
     pub fetched_at: Option<OffsetDateTime>,

@@ -98,6 +98,7 @@ pub struct Broker {
     admin_socket: PathBuf,
     configured: Vec<FederatedTrustDomain>,
     metrics_addr: Option<SocketAddr>,
+    jwt_ttl: Duration,
     drain: DrainTrigger,
     tasks: JoinSet<()>,
     metrics: Arc<std::sync::Mutex<MetricsRegistry>>,
@@ -386,7 +387,8 @@ impl Broker {
             vec![Arc::new(JoinTokenAttestor::new(store.clone()))],
             config.api.node_svid_ttl.get(),
             broker_metrics.clone(),
-        );
+        )
+        .with_jwt_ttl(config.jwt_svid_ttl.get());
         {
             let drain = drain_watch.clone();
             let incoming = tls_incoming(api_listener, Arc::new(tls));
@@ -413,6 +415,7 @@ impl Broker {
             admin_socket: config.admin_socket(),
             configured: config.federation.clone(),
             metrics_addr: None,
+            jwt_ttl: config.jwt_svid_ttl.get(),
             drain,
             tasks,
             metrics: Arc::new(std::sync::Mutex::new(registry)),
@@ -476,7 +479,8 @@ impl Broker {
                 drain: drain.clone(),
             }),
             Arc::new(self.status_source()),
-        );
+        )
+        .with_jwt_ttl(self.jwt_ttl);
         self.tasks.spawn(async move {
             let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
             let result = tonic::transport::Server::builder()

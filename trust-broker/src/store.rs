@@ -1,5 +1,6 @@
-//! The broker's durable state in sled: the CA set and bundle sequence, serial numbers,
-//! registration entries, join tokens, federation relationships and fetched bundles.
+//! The broker's durable state in sled: the CA set (each root with its JWT-SVID key) and bundle
+//! sequence, serial numbers, registration entries, join tokens, federation relationships and
+//! fetched bundles.
 //!
 //! Every change the broker acknowledges is flushed to disk before the call returns, so a
 //! SIGKILL at any moment leaves a store that opens with the same roots, and serials and
@@ -90,6 +91,20 @@ pub enum CaStatus {
     Retired,
 }
 
+/// The JWT-SVID signing key paired with one root: published, activated and retired with it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredJwtKey {
+    /// JWK `kid` (the key's RFC 7638 thumbprint).
+    pub kid: String,
+    /// PKCS#8 DER private key (P-256); emptied when the root retires.
+    #[serde(with = "b64")]
+    pub key_pkcs8: Vec<u8>,
+    /// The public key as an uncompressed P-256 point (`04 || x || y`), kept for the bundle
+    /// after the private key is gone.
+    #[serde(with = "b64")]
+    pub public_point: Vec<u8>,
+}
+
 /// One CA as stored: certificate, key and lifecycle times.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoredCa {
@@ -118,6 +133,9 @@ pub struct StoredCa {
     /// When it may leave the bundle (its last possible leaf has expired).
     #[serde(with = "time::serde::rfc3339::option", default)]
     pub remove_after: Option<OffsetDateTime>,
+    /// The JWT-SVID key of this root; absent in stores written before JWT-SVIDs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwt_key: Option<StoredJwtKey>,
 }
 
 /// The CA set and the published sequence, stored as one value so they change atomically.
