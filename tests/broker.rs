@@ -21,13 +21,13 @@ use rustls_pki_types::UnixTime;
 use time::OffsetDateTime;
 use tonic::Code;
 
-fn data_dir(name: &str) -> PathBuf {
+pub(crate) fn data_dir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("isthmus-broker-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     dir
 }
 
-fn config(td: &str, dir: &std::path::Path) -> BrokerConfig {
+pub(crate) fn config(td: &str, dir: &std::path::Path) -> BrokerConfig {
     let mut cfg = BrokerConfig {
         trust_domain: Some(TrustDomain::new(td).unwrap()),
         data_dir: dir.to_path_buf(),
@@ -42,11 +42,11 @@ fn config(td: &str, dir: &std::path::Path) -> BrokerConfig {
     cfg
 }
 
-fn admin(broker: &Broker) -> BrokerAdminClient<tonic::transport::Channel> {
+pub(crate) fn admin(broker: &Broker) -> BrokerAdminClient<tonic::transport::Channel> {
     BrokerAdminClient::new(unix_channel(broker.admin_socket().to_path_buf()))
 }
 
-async fn federate(from: &Broker, to: &Broker) {
+pub(crate) async fn federate(from: &Broker, to: &Broker) {
     let offer = serde_json::to_string(&to.federation_offer().unwrap()).unwrap();
     admin(from)
         .add_federation(pb::FederationRelationship { json: offer })
@@ -55,7 +55,7 @@ async fn federate(from: &Broker, to: &Broker) {
 }
 
 /// Waits (bounded) until `check` holds; the bound is generous, this is not a timing test.
-async fn eventually(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
+pub(crate) async fn eventually(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + limit;
     while !check() {
         assert!(
