@@ -13,6 +13,7 @@
 pub mod attest;
 pub mod identities;
 pub mod redirect;
+pub mod sandbox;
 pub mod workload_api;
 
 pub use identities::{IdentitySnapshot, WorkloadIdentities};
