@@ -6,10 +6,12 @@ use anyhow::Context;
 use isthmus_api::catalog::catalog_client::CatalogClient;
 use isthmus_api::transport::{ALPN_H2, tls_channel};
 use isthmus_core::config::{self, Environment};
-use isthmus_core::lifecycle::{DrainTrigger, Shutdown};
+use isthmus_core::lifecycle::{DrainTrigger, Readiness, Shutdown};
+use isthmus_core::telemetry::MetricsRegistry;
 use isthmus_core::tls::{AllowIds, MtlsSettings};
 use isthmus_dns::config::{DnsConfig, ENV_BINDINGS};
-use isthmus_dns::server::{Backoff, DnsServer, ZoneFeed};
+use isthmus_dns::server::{Backoff, DnsServer, ZoneFeed, ZoneHandler};
+use isthmus_dns::{DnsMetrics, Forwarder};
 
 use crate::{ConfigArgs, Failure};
 
@@ -35,10 +37,45 @@ pub fn run(args: ConfigArgs, env: &dyn Environment) -> Result<(), Failure> {
 async fn serve(cfg: DnsConfig) -> anyhow::Result<()> {
     let mut shutdown = Shutdown::with_signals()?;
     let (drain, watch) = DrainTrigger::new();
+    let mut registry = MetricsRegistry::new();
+    let metrics = DnsMetrics::register(&mut registry);
+    let readiness = Readiness::new();
     let (feed, zone) = ZoneFeed::new(cfg.zone_settings()?);
-    let server = DnsServer::start(&cfg.server_settings(), zone)
+    let feed = feed
+        .with_metrics(metrics.clone())
+        .with_readiness(readiness.register("catalog sync"));
+    let settings = cfg.server_settings();
+    let mut handler = ZoneHandler::new(zone, settings.max_udp_payload).with_metrics(metrics);
+    let forwarding = match cfg.forward.settings() {
+        Some(forward) => {
+            let forwarder = Forwarder::new(&forward).context("setting up forwarding")?;
+            let upstreams = forwarder
+                .upstreams()
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ");
+            handler = handler.with_forwarder(forwarder);
+            format!("other names forwarded to {upstreams}")
+        }
+        None => "other names refused (forwarding off)".to_owned(),
+    };
+    let server = DnsServer::start_with(&settings, handler)
         .await
         .context("starting the DNS server")?;
+    if let Some(listen) = cfg.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("metrics_listen {listen}"))?;
+        let text =
+            isthmus_api::admin_http::registry_text(Arc::new(std::sync::Mutex::new(registry)));
+        tokio::spawn(isthmus_api::admin_http::serve(
+            listener,
+            text,
+            readiness.clone(),
+            watch.clone(),
+        ));
+    }
     match (cfg.catalog, &cfg.trust_domain) {
         (Some(catalog), Some(own)) => {
             let identity = match &cfg.identity.broker {
@@ -78,7 +115,7 @@ async fn serve(cfg: DnsConfig) -> anyhow::Result<()> {
         _ => tracing::warn!("no catalog configured: every name of the zone answers SERVFAIL"),
     }
     eprintln!(
-        "DNS for {} listening on {} (UDP and TCP)",
+        "DNS for {} listening on {} (UDP and TCP); {forwarding}",
         cfg.zone,
         server.local_addr()
     );

@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use isthmus_core::config::{ConfigError, EnvBinding, HumanDuration, Validate};
 use serde::{Deserialize, Serialize};
 
+use crate::forward::ForwardSettings;
 use crate::records::{DEFAULT_MAX_RECORDS, DEFAULT_TTL, DEFAULT_ZONE, ZoneSettings};
 use crate::server::ServerSettings;
 
@@ -39,6 +40,51 @@ pub const ENV_BINDINGS: &[EnvBinding] = &[
     },
 ];
 
+/// Forwarding of names outside the zone (`[forward]`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ForwardConfig {
+    /// Forward names outside the zone upstream (true) or answer them REFUSED (false).
+    pub enabled: bool,
+    /// Upstream servers (`"ip:port"`); empty means the nameservers of /etc/resolv.conf.
+    pub servers: Vec<SocketAddr>,
+    /// Entries of the answer cache.
+    pub cache_size: u64,
+    /// How long one upstream attempt may take.
+    pub timeout: HumanDuration,
+    /// Attempts per upstream server.
+    pub attempts: usize,
+    /// Questions waiting on upstreams at once; more are answered SERVFAIL.
+    pub max_in_flight: usize,
+}
+
+impl Default for ForwardConfig {
+    fn default() -> Self {
+        let settings = ForwardSettings::default();
+        Self {
+            enabled: true,
+            servers: settings.servers,
+            cache_size: settings.cache_size,
+            timeout: HumanDuration(settings.timeout),
+            attempts: settings.attempts,
+            max_in_flight: settings.max_in_flight,
+        }
+    }
+}
+
+impl ForwardConfig {
+    /// The forwarder settings, or `None` when forwarding is off.
+    pub fn settings(&self) -> Option<ForwardSettings> {
+        self.enabled.then(|| ForwardSettings {
+            servers: self.servers.clone(),
+            cache_size: self.cache_size,
+            timeout: self.timeout.0,
+            attempts: self.attempts,
+            max_in_flight: self.max_in_flight,
+        })
+    }
+}
+
 /// The DNS server's configuration.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -63,6 +109,11 @@ pub struct DnsConfig {
     pub trust_domain: Option<isthmus_core::TrustDomain>,
     /// The DNS server's own SVID and bundles (files or a trust broker), to reach the catalog.
     pub identity: isthmus_api::identity::IdentityFiles,
+    /// Names outside the zone.
+    pub forward: ForwardConfig,
+    /// Admin HTTP (`/metrics`, `/healthz/ready` with the "catalog sync" blocker); off when
+    /// unset.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Default for DnsConfig {
@@ -78,6 +129,8 @@ impl Default for DnsConfig {
             catalog: None,
             trust_domain: None,
             identity: isthmus_api::identity::IdentityFiles::default(),
+            forward: ForwardConfig::default(),
+            metrics_listen: None,
         }
     }
 }
@@ -133,6 +186,37 @@ impl Validate for DnsConfig {
                 "0s would close every connection before its first query",
             ));
         }
+        if self.forward.enabled {
+            if self.forward.timeout.0.is_zero() {
+                return Err(ConfigError::validation(
+                    "forward.timeout",
+                    "0s would fail every forwarded question",
+                ));
+            }
+            if self.forward.attempts == 0 {
+                return Err(ConfigError::validation(
+                    "forward.attempts",
+                    "at least one attempt is needed",
+                ));
+            }
+            if self.forward.max_in_flight == 0 {
+                return Err(ConfigError::validation(
+                    "forward.max_in_flight",
+                    "0 would answer every forwarded question SERVFAIL",
+                ));
+            }
+            if let Some(looped) = self
+                .forward
+                .servers
+                .iter()
+                .find(|s| forwards_to_self(s, self.listen))
+            {
+                return Err(ConfigError::validation(
+                    "forward.servers",
+                    format!("{looped} is this server's own listen address: queries would loop"),
+                ));
+            }
+        }
         if self.catalog.is_some() {
             let own = self
                 .trust_domain
@@ -144,9 +228,30 @@ impl Validate for DnsConfig {
     }
 }
 
+/// Whether forwarding to `server` would reach the server listening on `listen`.
+fn forwards_to_self(server: &SocketAddr, listen: SocketAddr) -> bool {
+    server.port() == listen.port()
+        && (server.ip() == listen.ip()
+            || (listen.ip().is_unspecified()
+                && (server.ip().is_loopback() || server.ip().is_unspecified())))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn forwarding_off_has_no_settings_and_skips_its_checks() {
+        let mut config = DnsConfig::default();
+        assert!(
+            config.forward.settings().is_some(),
+            "forwarding is on by default"
+        );
+        config.forward.enabled = false;
+        config.forward.attempts = 0;
+        config.validate().unwrap();
+        assert_eq!(config.forward.settings(), None);
+    }
 
     #[test]
     fn defaults_validate_and_describe_clusterset_local() {
@@ -162,11 +267,20 @@ mod tests {
 
     #[test]
     fn invalid_values_name_their_field() {
-        let cases: [(&str, Breakage); 4] = [
+        let cases: [(&str, Breakage); 8] = [
             ("ttl", |c| c.ttl = HumanDuration::from_millis(1500)),
             ("max_udp_payload", |c| c.max_udp_payload = 100),
             ("max_records", |c| c.max_records = 0),
             ("zone", |c| c.zone = "a..b".into()),
+            ("forward.timeout", |c| {
+                c.forward.timeout = HumanDuration::from_secs(0)
+            }),
+            ("forward.attempts", |c| c.forward.attempts = 0),
+            ("forward.max_in_flight", |c| c.forward.max_in_flight = 0),
+            ("forward.servers", |c| {
+                c.listen = "127.0.0.1:5300".parse().unwrap();
+                c.forward.servers = vec!["127.0.0.1:5300".parse().unwrap()];
+            }),
         ];
         for (field, break_it) in cases {
             let mut config = DnsConfig::default();

@@ -12,15 +12,20 @@
 //!   feeds a [`tokio::sync::watch`] of zones.
 //! - [`config`]: the layered configuration of the `dns` component.
 //!
-//! Names outside the zone (and reverse names of addresses the zone does not own) are answered
-//! REFUSED for now; forwarding them upstream through hickory-resolver, metrics and the
-//! `isthmus dns` subcommand are the next steps of issue 6.
+//! - [`forward`]: names outside the zone (and reverse names of addresses the zone does not
+//!   own) go to upstream servers through hickory-resolver with its cache, or are REFUSED
+//!   when forwarding is off.
+//! - [`metrics`]: queries by type, response code and source; latency histograms.
 
 pub mod config;
+pub mod forward;
+pub mod metrics;
 pub mod records;
 pub mod server;
 
 pub use config::DnsConfig;
+pub use forward::{ForwardError, ForwardSettings, Forwarded, Forwarder};
+pub use metrics::DnsMetrics;
 pub use records::{Answer, AnswerKind, ClusterSetZone, RecordsError, ZoneSettings};
 pub use server::{
     Backoff, DnsServer, ServerError, ServerSettings, ZoneFeed, ZoneHandler, ZoneReceiver,

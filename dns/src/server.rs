@@ -4,11 +4,15 @@
 //!
 //! Every query reads the zone the watch holds at that moment, so a catalog change is answered
 //! from the next query on. Until the first catalog snapshot arrives the server answers
-//! SERVFAIL rather than NXDOMAIN, so no resolver caches the absence of a service that exists.
+//! SERVFAIL rather than NXDOMAIN, so no resolver caches the absence of a service that exists,
+//! and the "catalog sync" readiness blocker stays pending.
+//!
+//! Names outside the zone go to the [`Forwarder`] when one is configured (recursion
+//! available, not authoritative) and are REFUSED otherwise.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hickory_server::Server;
 use hickory_server::net::runtime::Time;
@@ -22,12 +26,14 @@ use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseI
 use hickory_server::zone_handler::MessageResponseBuilder;
 use isthmus_api::catalog as pb;
 use isthmus_api::catalog::catalog_client::CatalogClient;
-use isthmus_core::lifecycle::DrainWatch;
+use isthmus_core::lifecycle::{DrainWatch, ReadinessBlocker};
 use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::watch;
 use tonic::transport::Channel;
 
-use crate::records::{Answer, ClusterSetZone, ZoneSettings};
+use crate::forward::{Forwarded, Forwarder};
+use crate::metrics::{DnsMetrics, Source};
+use crate::records::{Answer, AnswerKind, ClusterSetZone, ZoneSettings};
 
 /// The smallest UDP payload every DNS client accepts (RFC 1035 4.2.1).
 const MIN_UDP_PAYLOAD: u16 = 512;
@@ -88,6 +94,8 @@ pub struct ZoneFeed {
     settings: ZoneSettings,
     sender: watch::Sender<Option<Arc<ClusterSetZone>>>,
     serial: u32,
+    metrics: DnsMetrics,
+    synced: Option<ReadinessBlocker>,
 }
 
 impl ZoneFeed {
@@ -99,9 +107,23 @@ impl ZoneFeed {
                 settings,
                 sender,
                 serial: 0,
+                metrics: DnsMetrics::default(),
+                synced: None,
             },
             receiver,
         )
+    }
+
+    /// Counts zone updates into `metrics`.
+    pub fn with_metrics(mut self, metrics: DnsMetrics) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    /// Releases `blocker` (typically "catalog sync") when the first zone is published.
+    pub fn with_readiness(mut self, blocker: ReadinessBlocker) -> Self {
+        self.synced = Some(blocker);
+        self
     }
 
     /// Builds the zone from `snapshot` and makes it the one answered from the next query on.
@@ -122,6 +144,14 @@ impl ZoneFeed {
             "DNS zone updated"
         );
         self.sender.send_replace(Some(zone.clone()));
+        self.metrics.zone_updates.inc();
+        self.metrics
+            .zone_services
+            .set(i64::try_from(zone.service_count()).unwrap_or(i64::MAX));
+        self.metrics.zone_serial.set(i64::from(zone.serial()));
+        if let Some(blocker) = self.synced.take() {
+            blocker.release();
+        }
         zone
     }
 
@@ -131,21 +161,37 @@ impl ZoneFeed {
     }
 }
 
-/// Answers queries from the latest zone.
+/// Answers queries from the latest zone, and forwards the others when it has a forwarder.
 #[derive(Debug, Clone)]
 pub struct ZoneHandler {
     zone: ZoneReceiver,
     max_udp_payload: u16,
+    forwarder: Option<Forwarder>,
+    metrics: DnsMetrics,
 }
 
 impl ZoneHandler {
     /// A handler reading `zone`, sending UDP responses of at most `max_udp_payload` bytes to
-    /// EDNS clients (512 to others).
+    /// EDNS clients (512 to others), refusing names outside the zone.
     pub fn new(zone: ZoneReceiver, max_udp_payload: u16) -> Self {
         Self {
             zone,
             max_udp_payload: max_udp_payload.max(MIN_UDP_PAYLOAD),
+            forwarder: None,
+            metrics: DnsMetrics::default(),
         }
+    }
+
+    /// Forwards names outside the zone through `forwarder` instead of refusing them.
+    pub fn with_forwarder(mut self, forwarder: Forwarder) -> Self {
+        self.forwarder = Some(forwarder);
+        self
+    }
+
+    /// Counts queries into `metrics`.
+    pub fn with_metrics(mut self, metrics: DnsMetrics) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// The response's OPT record: present iff the request had one (RFC 6891 6.1.1), with our
@@ -198,69 +244,111 @@ impl RequestHandler for ZoneHandler {
     async fn handle_request<R: ResponseHandler, T: Time>(
         &self,
         request: &Request,
-        mut response_handle: R,
+        response_handle: R,
     ) -> ResponseInfo {
+        let started = Instant::now();
+        let (info, source) = self.respond(request, response_handle).await;
+        self.metrics.observe(
+            request.queries.queries().first().map(|q| q.query_type()),
+            info.response_code,
+            source,
+            started.elapsed().as_secs_f64(),
+        );
+        info
+    }
+}
+
+impl ZoneHandler {
+    async fn respond<R: ResponseHandler>(
+        &self,
+        request: &Request,
+        mut response_handle: R,
+    ) -> (ResponseInfo, Source) {
         let edns = self.response_edns(request);
         if request
             .edns
             .as_ref()
             .is_some_and(|e| e.version() > EDNS_VERSION)
         {
-            return send_error(
-                request,
-                edns.as_ref(),
-                ResponseCode::BADVERS,
-                response_handle,
-            )
-            .await;
+            return (
+                send_error(
+                    request,
+                    edns.as_ref(),
+                    ResponseCode::BADVERS,
+                    response_handle,
+                )
+                .await,
+                Source::Server,
+            );
         }
         if request.metadata.message_type != MessageType::Query
             || request.metadata.op_code != OpCode::Query
         {
-            return send_error(
-                request,
-                edns.as_ref(),
-                ResponseCode::NotImp,
-                response_handle,
-            )
-            .await;
+            return (
+                send_error(
+                    request,
+                    edns.as_ref(),
+                    ResponseCode::NotImp,
+                    response_handle,
+                )
+                .await,
+                Source::Server,
+            );
         }
         // One question per message is all anyone sends (RFC 9619).
         let [query] = request.queries.queries() else {
-            return send_error(
-                request,
-                edns.as_ref(),
-                ResponseCode::FormErr,
-                response_handle,
-            )
-            .await;
+            return (
+                send_error(
+                    request,
+                    edns.as_ref(),
+                    ResponseCode::FormErr,
+                    response_handle,
+                )
+                .await,
+                Source::Server,
+            );
         };
         if query.query_class() != DNSClass::IN {
-            return send_error(
-                request,
-                edns.as_ref(),
-                ResponseCode::Refused,
-                response_handle,
-            )
-            .await;
+            return (
+                send_error(
+                    request,
+                    edns.as_ref(),
+                    ResponseCode::Refused,
+                    response_handle,
+                )
+                .await,
+                Source::Server,
+            );
         }
         // Clone the Arc so the watch is not borrowed across the await below.
         let Some(zone) = self.zone.borrow().clone() else {
-            return send_error(
-                request,
-                edns.as_ref(),
-                ResponseCode::ServFail,
-                response_handle,
-            )
-            .await;
+            return (
+                send_error(
+                    request,
+                    edns.as_ref(),
+                    ResponseCode::ServFail,
+                    response_handle,
+                )
+                .await,
+                Source::Server,
+            );
         };
         let name = Name::from(query.name().clone());
         let answer = zone.answer(&name, query.query_type());
+        if answer.kind == AnswerKind::OutOfZone
+            && let Some(forwarder) = &self.forwarder
+        {
+            let forwarded = forwarder.forward(&name, query.query_type()).await;
+            return (
+                send_forwarded(request, edns.as_ref(), &name, forwarded, response_handle).await,
+                Source::Forward,
+            );
+        }
 
         let mut metadata = Metadata::response_from_request(&request.metadata);
         metadata.response_code = answer.kind.response_code();
         metadata.authoritative = answer.kind.authoritative();
-        metadata.recursion_available = false;
+        metadata.recursion_available = self.forwarder.is_some();
         // Additional records are optional (RFC 2181 9): drop them rather than set TC when
         // only they overflow a UDP message. hickory sets TC when the sections do not fit.
         let additionals = if request.protocol() == Protocol::Udp
@@ -282,12 +370,62 @@ impl RequestHandler for ZoneHandler {
             std::iter::empty(),
             additionals.iter(),
         );
-        match response_handle.send_response(response).await {
+        let info = match response_handle.send_response(response).await {
             Ok(info) => info,
             Err(e) => {
                 tracing::debug!(error = %e, name = %name, "cannot send DNS response");
                 failed(metadata)
             }
+        };
+        let source = if answer.kind == AnswerKind::OutOfZone {
+            Source::Server
+        } else {
+            Source::Zone
+        };
+        (info, source)
+    }
+}
+
+/// Sends what an upstream said: its records with recursion available and without AA, or its
+/// negative answer with the SOA, or SERVFAIL/REFUSED when it failed.
+async fn send_forwarded<R: ResponseHandler>(
+    request: &Request,
+    edns: Option<&Edns>,
+    name: &Name,
+    forwarded: Forwarded,
+    mut response_handle: R,
+) -> ResponseInfo {
+    let mut metadata = Metadata::response_from_request(&request.metadata);
+    metadata.authoritative = false;
+    metadata.recursion_available = true;
+    let (answers, authority) = match forwarded {
+        Forwarded::Answer { answers } => (answers, Vec::new()),
+        Forwarded::Negative { code, soa } => {
+            metadata.response_code = code;
+            (Vec::new(), soa.into_iter().map(|soa| *soa).collect())
+        }
+        Forwarded::Failed { code, reason } => {
+            tracing::debug!(name = %name, reason = %reason, "forwarding failed");
+            metadata.response_code = code;
+            (Vec::new(), Vec::new())
+        }
+    };
+    let mut builder = MessageResponseBuilder::from_message_request(request);
+    if let Some(edns) = edns {
+        builder.edns(edns);
+    }
+    let response = builder.build(
+        metadata,
+        answers.iter(),
+        authority.iter(),
+        std::iter::empty(),
+        std::iter::empty(),
+    );
+    match response_handle.send_response(response).await {
+        Ok(info) => info,
+        Err(e) => {
+            tracing::debug!(error = %e, name = %name, "cannot send forwarded DNS response");
+            failed(metadata)
         }
     }
 }
@@ -329,15 +467,26 @@ impl std::fmt::Debug for DnsServer {
 }
 
 impl DnsServer {
-    /// Binds UDP and TCP on `settings.listen` (the same port for both) and serves `zone`.
+    /// Binds UDP and TCP on `settings.listen` (the same port for both) and serves `zone`,
+    /// refusing names outside it.
     pub async fn start(settings: &ServerSettings, zone: ZoneReceiver) -> Result<Self, ServerError> {
+        let handler = ZoneHandler::new(zone, settings.max_udp_payload);
+        Self::start_with(settings, handler).await
+    }
+
+    /// Binds UDP and TCP on `settings.listen` (the same port for both) and serves with
+    /// `handler` (built with a forwarder and metrics as needed).
+    pub async fn start_with(
+        settings: &ServerSettings,
+        handler: ZoneHandler,
+    ) -> Result<Self, ServerError> {
         let (udp, tcp) = bind(settings.listen).await?;
         let addr = udp.local_addr().map_err(|source| ServerError::Bind {
             protocol: "UDP",
             address: settings.listen,
             source,
         })?;
-        let mut server = Server::new(ZoneHandler::new(zone, settings.max_udp_payload));
+        let mut server = Server::new(handler);
         server.register_socket(udp);
         // One response in flight per connection is plenty: clients pipeline few queries.
         server.register_listener(tcp, settings.tcp_idle_timeout, 16);
