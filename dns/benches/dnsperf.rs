@@ -1,5 +1,6 @@
 //! DNS benchmark with dnsperf: the Isthmus DNS server against knot and nsd serving the same
-//! 1,000-name zone, in one run, on 127.0.0.1.
+//! 1,000-name zone, and our forwarding against the upstream it forwards to, in one run, on
+//! 127.0.0.1 only.
 //!
 //! 1. Writes an equivalent static `clusterset.local.` zone of 1,000 ClusterSetIP services
 //!    (`svc-0000.bench.svc.clusterset.local.` … `svc-0999…`, one A record each, plus SOA, NS and
@@ -8,22 +9,29 @@
 //!    (stopped when the bench ends, also on error). Both get two workers, the machine's core
 //!    count: knot `udp-workers: 2`, nsd `server-count: 2` with `reuseport`, and nsd's response
 //!    rate limiting off (it is on by default and would cap the run at a few hundred QPS).
+//!    knot also serves `example.test.` (1,000 hosts, TTL 1 h, and `*.miss.example.test.`), the
+//!    upstream of forwarding.
 //! 2. Starts our server in this process on a default tokio runtime (one worker per core, as
 //!    `isthmus dns` runs it), with the same 1,000 services published as a catalog snapshot
-//!    through `ZoneFeed`.
-//! 3. Checks that all three answer the same addresses for the same names, then, round by
-//!    round, runs `dnsperf -s 127.0.0.1 -p PORT -d FILE -l SECONDS -c CLIENTS -T THREADS`
-//!    against each in turn (A queries for the 1,000 names, in order, repeated): QPS at
-//!    saturation, the servers' CPU time per query (their threads' `schedstat`), and latency at
-//!    a fixed offered rate (`-Q`) from dnsperf's per-query `-v` lines (dnsperf 2.10 has no
-//!    latency histogram option), from which p50/p99 are computed.
+//!    through `ZoneFeed`; and a second one on the same zone with a `Forwarder` whose only
+//!    upstream is that knot (checked: nothing is ever sent to the system's resolver).
+//! 3. Checks that all servers answer the same addresses for the same names (the check also
+//!    fills the forwarder's cache with the 1,000 hosts), then, round by round, runs
+//!    `dnsperf -s 127.0.0.1 -p PORT -d FILE -l SECONDS -c CLIENTS -T THREADS` for every
+//!    workload in turn: QPS at saturation, the server's CPU time per query (its threads'
+//!    `schedstat`), and latency at a fixed offered rate (`-Q`) from dnsperf's per-query `-v`
+//!    lines (dnsperf 2.10 has no latency histogram option), from which p50/p99 are computed.
+//!
+//! Workloads: the zone (A queries for the 1,000 names, looped) on ours, knot and nsd;
+//! forwarded cache hits (the 1,000 `example.test` hosts, looped) on ours and on knot directly;
+//! forwarded cache misses (names below the wildcard, each asked once, fresh every round).
 //!
 //! dnsperf, knot and nsd are Debian packages; when one is missing the bench installs it with
 //! apt-get if it runs as root, and otherwise stops and prints the command.
 //!
 //! ```text
 //! cargo bench -p isthmus-dns --bench dnsperf [-- --quick] [-- --rounds N --seconds S]
-//! cargo bench -p isthmus-dns --bench dnsperf -- --only isthmus   # one server, for perf
+//! cargo bench -p isthmus-dns --bench dnsperf -- --only isthmus-dns   # ours only, for perf
 //! ```
 //! Results and how to read them: docs/benchmarks.md ("DNS (issue 6)").
 
@@ -37,7 +45,10 @@ use std::time::{Duration, Instant};
 use hickory_server::proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_server::proto::rr::{Name, RData, RecordType};
 use isthmus_api::catalog as pb;
-use isthmus_dns::{DnsServer, ServerSettings, ZoneFeed, ZoneSettings};
+use isthmus_dns::{
+    DnsServer, ForwardSettings, Forwarder, ServerSettings, ZoneFeed, ZoneHandler, ZoneReceiver,
+    ZoneSettings,
+};
 
 type BoxError = Box<dyn Error + Send + Sync>;
 type BenchResult<T> = Result<T, BoxError>;
@@ -47,6 +58,15 @@ const SERVICES: usize = 1_000;
 /// Their namespace.
 const NAMESPACE: &str = "bench";
 const ZONE: &str = "clusterset.local.";
+/// The zone our forwarder sends to knot.
+const UPSTREAM_ZONE: &str = "example.test.";
+/// Hosts in it, asked repeatedly (cache hits).
+const UPSTREAM_NAMES: usize = 1_000;
+/// What every name below `miss.example.test.` resolves to.
+const MISS_ADDRESS: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 1);
+/// Names per round for the cache-miss saturation run; dnsperf stops at the end of the file
+/// (`-n 1`) so no name is asked twice.
+const MISS_NAMES: usize = 400_000;
 /// Debian packages the bench runs, as (command, package).
 const TOOLS: [(&str, &str); 3] = [("dnsperf", "dnsperf"), ("knotd", "knot"), ("nsd", "nsd")];
 /// How long a server may take to answer its first query.
@@ -130,12 +150,21 @@ fn main() -> BenchResult<()> {
 
     let dir = TempDir::new()?;
     let services = service_names();
-    let queries = dir.path().join("queries.txt");
-    std::fs::write(&queries, query_file(&services))?;
+    let zone_queries = dir.path().join("zone-queries.txt");
+    std::fs::write(&zone_queries, query_file(&services))?;
     let zone_file = dir.path().join("clusterset.local.zone");
     std::fs::write(&zone_file, static_zone(&services))?;
+    let upstream_file = dir.path().join("example.test.zone");
+    std::fs::write(&upstream_file, upstream_zone())?;
+    let hit_queries = dir.path().join("forward-hits.txt");
+    std::fs::write(&hit_queries, upstream_query_file())?;
 
-    let knot = Daemon::knot(&tools, dir.path(), &zone_file)?;
+    // knot serves both zones: the clusterset baseline and the upstream of forwarding.
+    let knot = Daemon::knot(
+        &tools,
+        dir.path(),
+        &[(ZONE, &zone_file), (UPSTREAM_ZONE, &upstream_file)],
+    )?;
     let nsd = Daemon::nsd(&tools, dir.path(), &zone_file)?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -143,72 +172,99 @@ fn main() -> BenchResult<()> {
         .build()?;
     let (mut feed, zone) = ZoneFeed::new(ZoneSettings::default());
     feed.publish(&catalog(&services));
-    let settings = ServerSettings {
-        listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
-        ..ServerSettings::default()
-    };
-    let ours = runtime.block_on(DnsServer::start(&settings, zone))?;
+    let ours = runtime.block_on(DnsServer::start(&loopback_settings(), zone))?;
+    let forwarding = runtime.block_on(start_forwarding(feed.subscribe(), knot.addr))?;
 
-    let targets = [
-        Target {
-            label: "isthmus-dns (this commit)",
-            addr: ours.local_addr(),
-            root_pid: std::process::id(),
-        },
-        Target {
-            label: "knot",
-            addr: knot.addr,
-            root_pid: knot.child.id(),
-        },
-        Target {
-            label: "nsd",
-            addr: nsd.addr,
-            root_pid: nsd.child.id(),
-        },
-    ];
-    for target in &targets {
-        wait_ready(target.addr, &services[0], || {
-            [&knot, &nsd]
-                .into_iter()
-                .find(|d| d.addr == target.addr)
-                .map_or(Ok(()), |d| d.check_alive())
+    for (addr, daemon) in [
+        (ours.local_addr(), None),
+        (forwarding.local_addr(), None),
+        (knot.addr, Some(&knot)),
+        (nsd.addr, Some(&nsd)),
+    ] {
+        wait_ready(addr, &services[0], || {
+            daemon.map_or(Ok(()), |d: &Daemon| d.check_alive())
         })?;
     }
-    check_same_answers(&targets, &services)?;
-    // `--only isthmus|knot|nsd` measures one server (for profiling); all are checked above.
+    let zone_servers = [
+        ("isthmus-dns", ours.local_addr()),
+        ("isthmus-dns with forwarder", forwarding.local_addr()),
+        ("knot", knot.addr),
+        ("nsd", nsd.addr),
+    ];
+    check_same_answers(&zone_servers, &services)?;
+    check_forwarding(forwarding.local_addr(), knot.addr)?;
+
+    let own = std::process::id();
+    let zone_section = vec![
+        Workload::repeated("isthmus-dns", ours.local_addr(), own, &zone_queries, &plan),
+        Workload::repeated("knot", knot.addr, knot.child.id(), &zone_queries, &plan),
+        Workload::repeated("nsd", nsd.addr, nsd.child.id(), &zone_queries, &plan),
+    ];
+    let forward_section = vec![
+        Workload::repeated(
+            "isthmus-dns forwarding, cache hits",
+            forwarding.local_addr(),
+            own,
+            &hit_queries,
+            &plan,
+        ),
+        Workload::repeated(
+            "knot direct",
+            knot.addr,
+            knot.child.id(),
+            &hit_queries,
+            &plan,
+        ),
+        Workload::cache_misses(forwarding.local_addr(), own, dir.path(), &plan)?,
+    ];
+    // `--only <label prefix>` measures matching workloads only (for profiling).
     let only = args
         .iter()
         .position(|a| a == "--only")
         .and_then(|i| args.get(i + 1));
-    let targets: Vec<Target> = targets
-        .into_iter()
-        .filter(|t| only.is_none_or(|o| t.label.starts_with(o.as_str())))
-        .collect();
+    let selected = |section: Vec<Workload>| -> Vec<Workload> {
+        section
+            .into_iter()
+            .filter(|w| only.is_none_or(|o| w.label.starts_with(o.as_str())))
+            .collect()
+    };
+    let sections = [
+        (
+            "Clusterset zone, 1,000 names, A queries",
+            "knot",
+            selected(zone_section),
+        ),
+        (
+            "Forwarding `*.example.test` to knot on loopback",
+            "knot direct",
+            selected(forward_section),
+        ),
+    ];
 
     println!(
-        "dnsperf bench: {} names, {} round(s) of {} s at saturation (-c {} -T {}) and {} s at {} QPS per server",
-        services.len(),
-        plan.rounds,
-        plan.seconds,
-        plan.clients,
-        plan.threads,
-        plan.latency_seconds,
-        plan.latency_qps
+        "dnsperf bench: {} round(s); per workload {} s at saturation (-c {} -T {}), then {} s at a fixed rate with -v",
+        plan.rounds, plan.seconds, plan.clients, plan.threads, plan.latency_seconds,
     );
-    let mut results: Vec<Vec<RoundResult>> = vec![Vec::new(); targets.len()];
+    let mut results: Vec<Vec<Vec<RoundResult>>> = sections
+        .iter()
+        .map(|(_, _, workloads)| vec![Vec::new(); workloads.len()])
+        .collect();
+    // Round by round, every workload in turn, so a disturbance hits all of them alike.
     for round in 0..plan.rounds {
-        for (target, rounds) in targets.iter().zip(results.iter_mut()) {
-            let result = measure(&tools, &plan, target, &queries)?;
-            println!(
-                "  round {}: {:<28} {:>9.0} QPS, {:>5.2} µs CPU/query, p99 {:>6.1} µs at {} QPS",
-                round + 1,
-                target.label,
-                result.qps,
-                result.cpu_us_per_query,
-                result.p99_us,
-                plan.latency_qps
-            );
-            rounds.push(result);
+        for ((_, _, workloads), section_results) in sections.iter().zip(results.iter_mut()) {
+            for (workload, rounds) in workloads.iter().zip(section_results.iter_mut()) {
+                let result = measure(&tools, &plan, workload, round)?;
+                println!(
+                    "  round {}: {:<36} {:>9.0} QPS, {:>5.2} µs CPU/query, p99 {:>7.1} µs at {} QPS",
+                    round + 1,
+                    workload.label,
+                    result.qps,
+                    result.cpu_us_per_query,
+                    result.p99_us,
+                    workload.latency_qps
+                );
+                rounds.push(result);
+            }
         }
     }
     let load_after = load_average();
@@ -218,12 +274,52 @@ fn main() -> BenchResult<()> {
         "{}",
         machine_notes(&tools, load_before, load_after, started)
     );
-    println!("{}", report(&targets, &results, &plan));
+    for ((title, baseline, workloads), section_results) in sections.iter().zip(&results) {
+        if !workloads.is_empty() {
+            println!(
+                "\n{title}\n\n{}",
+                report(workloads, section_results, baseline)
+            );
+        }
+    }
 
-    runtime.block_on(ours.shutdown())?;
+    runtime.block_on(async {
+        ours.shutdown().await?;
+        forwarding.shutdown().await
+    })?;
     drop(knot);
     drop(nsd);
     Ok(())
+}
+
+fn loopback_settings() -> ServerSettings {
+    ServerSettings {
+        listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+        ..ServerSettings::default()
+    }
+}
+
+/// Our server with a forwarder to `upstream`, which must be on loopback: the bench never
+/// sends a query anywhere else (with no server configured the forwarder would read
+/// /etc/resolv.conf, so the upstreams it ended up with are checked too).
+async fn start_forwarding(zone: ZoneReceiver, upstream: SocketAddr) -> BenchResult<DnsServer> {
+    if !upstream.ip().is_loopback() {
+        return Err(format!("BUG: upstream {upstream} is not on loopback").into());
+    }
+    let forwarder = Forwarder::new(&ForwardSettings {
+        servers: vec![upstream],
+        ..ForwardSettings::default()
+    })?;
+    if forwarder.upstreams() != [upstream] {
+        return Err(format!(
+            "BUG: the forwarder would ask {:?}, not only {upstream}",
+            forwarder.upstreams()
+        )
+        .into());
+    }
+    let settings = loopback_settings();
+    let handler = ZoneHandler::new(zone, settings.max_udp_payload).with_forwarder(forwarder);
+    Ok(DnsServer::start_with(&settings, handler).await?)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -287,6 +383,42 @@ fn query_file(services: &[(String, Ipv4Addr)]) -> String {
     services
         .iter()
         .map(|(name, _)| format!("{} A\n", fqdn(name)))
+        .collect()
+}
+
+/// The zone knot serves as the forwarding upstream: [`UPSTREAM_NAMES`] hosts with a TTL long
+/// enough that nothing expires during the run, and a wildcard below `miss.` so that names
+/// asked once each (cache misses) all exist.
+fn upstream_zone() -> String {
+    let mut zone = format!(
+        "$ORIGIN {UPSTREAM_ZONE}\n$TTL 3600\n\
+         @ IN SOA ns.{UPSTREAM_ZONE} hostmaster.{UPSTREAM_ZONE} 1 7200 1800 86400 3600\n\
+         @ IN NS ns.{UPSTREAM_ZONE}\n\
+         ns IN A 127.0.0.1\n\
+         *.miss IN A {MISS_ADDRESS}\n"
+    );
+    for i in 0..UPSTREAM_NAMES {
+        let _ = writeln!(zone, "host-{i:04} IN A {}", upstream_address(i));
+    }
+    zone
+}
+
+/// The address of `host-<i>` (198.18.0.0/15 is for benchmarks, RFC 2544).
+fn upstream_address(i: usize) -> Ipv4Addr {
+    let octets = u16::try_from(i).unwrap_or(u16::MAX).to_be_bytes();
+    Ipv4Addr::new(198, 18, octets[0], octets[1])
+}
+
+fn upstream_query_file() -> String {
+    (0..UPSTREAM_NAMES)
+        .map(|i| format!("host-{i:04}.{UPSTREAM_ZONE} A\n"))
+        .collect()
+}
+
+/// `count` names below the wildcard, unique to `tag`: each is asked once.
+fn miss_query_file(tag: &str, count: usize) -> String {
+    (0..count)
+        .map(|i| format!("{tag}-{i}.miss.{UPSTREAM_ZONE} A\n"))
         .collect()
 }
 
@@ -441,7 +573,7 @@ struct Daemon {
 }
 
 impl Daemon {
-    fn knot(tools: &Tools, dir: &Path, zone_file: &Path) -> BenchResult<Self> {
+    fn knot(tools: &Tools, dir: &Path, zones: &[(&str, &Path)]) -> BenchResult<Self> {
         let port = free_port()?;
         let run = dir.join("knot");
         std::fs::create_dir_all(&run)?;
@@ -454,10 +586,17 @@ impl Daemon {
              template:\n  - id: default\n    storage: \"{run}\"\n    \
              zonefile-sync: -1\n    zonefile-load: whole\n    journal-content: none\n    \
              semantic-checks: off\n\
-             zone:\n  - domain: {ZONE}\n    file: \"{zone}\"\n",
+             zone:\n",
             run = run.display(),
-            zone = zone_file.display(),
         );
+        let mut config = config;
+        for (domain, file) in zones {
+            let _ = writeln!(
+                config,
+                "  - domain: {domain}\n    file: \"{}\"",
+                file.display()
+            );
+        }
         let conf = run.join("knot.conf");
         std::fs::write(&conf, config)?;
         Self::spawn(
@@ -626,14 +765,75 @@ fn cpu_time(pids: &[u32]) -> Duration {
 // Asking and measuring
 // ---------------------------------------------------------------------------------------
 
-/// One server under test.
+/// One server under one kind of load.
 #[derive(Debug)]
-struct Target {
+struct Workload {
     label: &'static str,
     addr: SocketAddr,
     /// The process whose CPU time, with its descendants' (nsd forks its servers), is the
-    /// server's.
+    /// server's; our own process counts alone (knot, nsd and dnsperf are its children).
     root_pid: u32,
+    /// Query files per round: (saturation run, fixed-rate run); round `r` uses entry
+    /// `r % len`.
+    queries: Vec<(PathBuf, PathBuf)>,
+    /// Stop at the end of the file (`-n 1`): its names must not be asked twice.
+    once: bool,
+    /// The offered rate of the fixed-rate run.
+    latency_qps: u32,
+}
+
+impl Workload {
+    /// The same file, looped over, in every run.
+    fn repeated(
+        label: &'static str,
+        addr: SocketAddr,
+        root_pid: u32,
+        queries: &Path,
+        plan: &Plan,
+    ) -> Self {
+        Self {
+            label,
+            addr,
+            root_pid,
+            queries: vec![(queries.to_owned(), queries.to_owned())],
+            once: false,
+            latency_qps: plan.latency_qps,
+        }
+    }
+
+    /// Forwarded names never asked before: fresh files each round, each name once, and a
+    /// quarter of the fixed rate (every question costs an upstream round trip).
+    fn cache_misses(addr: SocketAddr, root_pid: u32, dir: &Path, plan: &Plan) -> BenchResult<Self> {
+        let latency_qps = (plan.latency_qps / 4).max(100);
+        let latency_names = usize::try_from(latency_qps * plan.latency_seconds)? * 2;
+        let saturation_names = if plan.seconds <= 1 {
+            MISS_NAMES / 4
+        } else {
+            MISS_NAMES
+        };
+        let mut queries = Vec::new();
+        for round in 0..plan.rounds {
+            let saturation = dir.join(format!("miss-{round}-saturation.txt"));
+            std::fs::write(
+                &saturation,
+                miss_query_file(&format!("r{round}s"), saturation_names),
+            )?;
+            let latency = dir.join(format!("miss-{round}-latency.txt"));
+            std::fs::write(
+                &latency,
+                miss_query_file(&format!("r{round}l"), latency_names),
+            )?;
+            queries.push((saturation, latency));
+        }
+        Ok(Self {
+            label: "isthmus-dns forwarding, cache misses",
+            addr,
+            root_pid,
+            queries,
+            once: true,
+            latency_qps,
+        })
+    }
 }
 
 /// One A question over UDP: the response code and the addresses.
@@ -685,20 +885,51 @@ fn wait_ready(
 }
 
 /// Every server answers the same for a sample of names, and NXDOMAIN for a missing one.
-fn check_same_answers(targets: &[Target], services: &[(String, Ipv4Addr)]) -> BenchResult<()> {
+fn check_same_answers(
+    servers: &[(&str, SocketAddr)],
+    services: &[(String, Ipv4Addr)],
+) -> BenchResult<()> {
     let mut names: Vec<(String, ResponseCode, Vec<String>)> = services
         .iter()
         .step_by(97)
         .map(|(name, vip)| (fqdn(name), ResponseCode::NoError, vec![vip.to_string()]))
         .collect();
     names.push((fqdn("missing"), ResponseCode::NXDomain, vec![]));
-    for target in targets {
+    for (label, addr) in servers {
         for (name, code, addresses) in &names {
-            let got = ask_a(target.addr, name)?;
+            let got = ask_a(*addr, name)?;
             if got != (*code, addresses.clone()) {
                 return Err(format!(
-                    "{} answered {name} with {got:?}, expected {code:?} {addresses:?}",
-                    target.label
+                    "{label} answered {name} with {got:?}, expected {code:?} {addresses:?}"
+                )
+                .into());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The forwarder answers every upstream host as knot does (which also fills its cache for
+/// the cache-hit runs), and a name below the wildcard.
+fn check_forwarding(forwarding: SocketAddr, knot: SocketAddr) -> BenchResult<()> {
+    let mut names: Vec<(String, Vec<String>)> = (0..UPSTREAM_NAMES)
+        .map(|i| {
+            (
+                format!("host-{i:04}.{UPSTREAM_ZONE}"),
+                vec![upstream_address(i).to_string()],
+            )
+        })
+        .collect();
+    names.push((
+        format!("check.miss.{UPSTREAM_ZONE}"),
+        vec![MISS_ADDRESS.to_string()],
+    ));
+    for (name, addresses) in &names {
+        for (label, addr) in [("forwarding", forwarding), ("knot", knot)] {
+            let got = ask_a(addr, name)?;
+            if got != (ResponseCode::NoError, addresses.clone()) {
+                return Err(format!(
+                    "{label} answered {name} with {got:?}, expected {addresses:?}"
                 )
                 .into());
             }
@@ -727,6 +958,7 @@ fn dnsperf(
     queries: &Path,
     seconds: u32,
     rate: Option<u32>,
+    once: bool,
 ) -> BenchResult<PerfRun> {
     let mut command = Command::new(&tools.dnsperf);
     command
@@ -747,6 +979,9 @@ fn dnsperf(
         ]);
     if let Some(rate) = rate {
         command.args(["-Q", &rate.to_string(), "-v"]);
+    }
+    if once {
+        command.args(["-n", "1"]);
     }
     let output = command.output()?;
     let stdout = String::from_utf8_lossy(&output.stdout);
@@ -805,6 +1040,8 @@ fn parse_dnsperf(output: &str) -> Result<PerfRun, String> {
 #[derive(Debug, Clone)]
 struct RoundResult {
     qps: f64,
+    /// Queries answered in the saturation run.
+    completed: u64,
     lost: u64,
     /// Average latency at saturation (queueing included).
     saturated_latency_us: f64,
@@ -817,31 +1054,44 @@ struct RoundResult {
 fn measure(
     tools: &Tools,
     plan: &Plan,
-    target: &Target,
-    queries: &Path,
+    workload: &Workload,
+    round: usize,
 ) -> BenchResult<RoundResult> {
-    // Our server is this process alone: knot, nsd and dnsperf are its children.
-    let pids = if target.root_pid == std::process::id() {
-        vec![target.root_pid]
+    let pids = if workload.root_pid == std::process::id() {
+        vec![workload.root_pid]
     } else {
-        descendants(target.root_pid)
+        descendants(workload.root_pid)
     };
+    let (saturation_file, latency_file) = workload
+        .queries
+        .get(round % workload.queries.len().max(1))
+        .ok_or("BUG: a workload without query files")?;
     let cpu_before = cpu_time(&pids);
-    let saturated = dnsperf(tools, plan, target.addr, queries, plan.seconds, None)?;
+    let saturated = dnsperf(
+        tools,
+        plan,
+        workload.addr,
+        saturation_file,
+        plan.seconds,
+        None,
+        workload.once,
+    )?;
     let cpu = cpu_time(&pids).saturating_sub(cpu_before);
     let fixed = dnsperf(
         tools,
         plan,
-        target.addr,
-        queries,
+        workload.addr,
+        latency_file,
         plan.latency_seconds,
-        Some(plan.latency_qps),
+        Some(workload.latency_qps),
+        workload.once,
     )?;
     let mut latencies = fixed.latencies;
     latencies.sort_by(f64::total_cmp);
     let quantile = |q: f64| percentile(&latencies, q) * 1e6;
     Ok(RoundResult {
         qps: saturated.qps,
+        completed: saturated.completed,
         lost: saturated.lost + fixed.lost,
         saturated_latency_us: saturated.average_latency * 1e6,
         cpu_us_per_query: cpu.as_secs_f64() * 1e6 / saturated.completed.max(1) as f64,
@@ -876,25 +1126,24 @@ fn median_range(values: impl IntoIterator<Item = f64>) -> (f64, f64, f64) {
     )
 }
 
-fn report(targets: &[Target], results: &[Vec<RoundResult>], plan: &Plan) -> String {
+fn report(workloads: &[Workload], results: &[Vec<RoundResult>], baseline: &str) -> String {
     let mut out = String::new();
-    let knot = targets.iter().position(|t| t.label == "knot");
+    let base = workloads.iter().position(|w| w.label == baseline);
     let _ = writeln!(
         out,
-        "| Server | QPS, median (range) | vs knot, same round | server CPU µs/query | avg latency at saturation (µs) | p50 / p99 / max at {} QPS (µs) | lost |",
-        plan.latency_qps
+        "| Server | QPS, median (range) | vs {baseline}, same round | server CPU µs/query | avg latency at saturation (µs) | fixed rate (QPS) | p50 / p99 / max at that rate (µs) | answered / lost |"
     );
-    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|");
-    for (target, rounds) in targets.iter().zip(results) {
+    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|");
+    for (workload, rounds) in workloads.iter().zip(results) {
         let (qps, qps_min, qps_max) = median_range(rounds.iter().map(|r| r.qps));
-        let ratio = knot
-            .and_then(|k| results.get(k))
-            .map(|knot_rounds| {
+        let ratio = base
+            .and_then(|b| results.get(b))
+            .map(|base_rounds| {
                 median_range(
                     rounds
                         .iter()
-                        .zip(knot_rounds)
-                        .map(|(r, k)| r.qps / k.qps.max(1.0)),
+                        .zip(base_rounds)
+                        .map(|(r, b)| r.qps / b.qps.max(1.0)),
                 )
             })
             .map_or_else(String::new, |(m, lo, hi)| {
@@ -905,11 +1154,12 @@ fn report(targets: &[Target], results: &[Vec<RoundResult>], plan: &Plan) -> Stri
         let (p50, _, _) = median_range(rounds.iter().map(|r| r.p50_us));
         let (p99, _, _) = median_range(rounds.iter().map(|r| r.p99_us));
         let (max, _, _) = median_range(rounds.iter().map(|r| r.max_us));
+        let completed: u64 = rounds.iter().map(|r| r.completed).sum();
         let lost: u64 = rounds.iter().map(|r| r.lost).sum();
         let _ = writeln!(
             out,
-            "| {} | {:.0} ({:.0}–{:.0}) | {ratio} | {cpu:.2} | {latency:.0} | {p50:.0} / {p99:.0} / {max:.0} | {lost} |",
-            target.label, qps, qps_min, qps_max
+            "| {} | {qps:.0} ({qps_min:.0}–{qps_max:.0}) | {ratio} | {cpu:.2} | {latency:.0} | {} | {p50:.0} / {p99:.0} / {max:.0} | {completed} / {lost} |",
+            workload.label, workload.latency_qps
         );
     }
     out
