@@ -85,6 +85,7 @@ fn service(
 /// tests change it by index.
 fn snapshot() -> pb::CatalogSnapshot {
     pb::CatalogSnapshot {
+        gateways: vec![],
         cluster: "clustera".into(),
         services: vec![
             service(

@@ -49,6 +49,7 @@ fn service(namespace: &str, name: &str, vip: &str) -> pb::GlobalService {
 
 fn snapshot(services: Vec<pb::GlobalService>) -> pb::CatalogSnapshot {
     pb::CatalogSnapshot {
+        gateways: vec![],
         cluster: "west".into(),
         services,
     }

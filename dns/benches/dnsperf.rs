@@ -103,7 +103,7 @@ impl Plan {
         } else {
             Self {
                 rounds: 3,
-                seconds: 4,
+                seconds: 3,
                 latency_seconds: 2,
                 latency_qps: 20_000,
                 clients: 8,
@@ -346,6 +346,7 @@ fn fqdn(service: &str) -> String {
 /// The catalog snapshot our server gets: ClusterSetIP services without ports or endpoints.
 fn catalog(services: &[(String, Ipv4Addr)]) -> pb::CatalogSnapshot {
     pb::CatalogSnapshot {
+        gateways: vec![],
         cluster: "bench".into(),
         services: services
             .iter()

@@ -50,6 +50,7 @@ fn service(
 /// The catalog every case is asked against.
 pub(crate) fn snapshot() -> pb::CatalogSnapshot {
     pb::CatalogSnapshot {
+        gateways: vec![],
         cluster: "clustera".into(),
         services: vec![
             service(
@@ -538,6 +539,7 @@ fn answers_are_bounded() {
         .map(|i| endpoint(&format!("10.9.{}.{}", i / 250, i % 250 + 1), true, ""))
         .collect();
     let snapshot = pb::CatalogSnapshot {
+        gateways: vec![],
         cluster: "clustera".into(),
         services: vec![service(
             "big",

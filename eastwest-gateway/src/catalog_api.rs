@@ -27,9 +27,18 @@ pub const RECHECK: Duration = Duration::from_secs(1);
 pub fn to_snapshot(
     cluster: &str,
     services: &[(GlobalService, Option<std::net::Ipv4Addr>)],
+    gateways: &[(String, TrustDomain, SocketAddr)],
 ) -> pb::CatalogSnapshot {
     pb::CatalogSnapshot {
         cluster: cluster.to_owned(),
+        gateways: gateways
+            .iter()
+            .map(|(cluster, td, address)| pb::ClusterGateway {
+                cluster: cluster.clone(),
+                trust_domain: td.to_string(),
+                address: address.to_string(),
+            })
+            .collect(),
         services: services
             .iter()
             .map(|(s, vip)| pb::GlobalService {
@@ -103,6 +112,7 @@ impl Catalog for CatalogService {
                 let snapshot = to_snapshot(
                     view.cluster(),
                     &view.catalog_with_vips(time::OffsetDateTime::now_utc()),
+                    &view.gateways(),
                 );
                 // Every message is the full state; an unchanged state is not resent.
                 if last.as_ref() != Some(&snapshot) {

@@ -309,6 +309,13 @@ impl Gateway {
         let view = CatalogView {
             cluster: config.cluster.clone(),
             addr,
+            trust_domain: own.clone(),
+            peer_addresses: config
+                .peering
+                .peers
+                .iter()
+                .map(|p| (p.trust_domain.clone(), p.address))
+                .collect(),
             dispatcher: dispatcher.clone(),
             vips: Arc::new(std::sync::Mutex::new(vips)),
             store,
@@ -421,6 +428,8 @@ impl Gateway {
 pub struct CatalogView {
     cluster: String,
     addr: SocketAddr,
+    trust_domain: TrustDomain,
+    peer_addresses: BTreeMap<TrustDomain, SocketAddr>,
     dispatcher: Dispatcher,
     vips: Arc<std::sync::Mutex<isthmus_core::catalog::VipAllocator>>,
     store: Option<ImportStore>,
@@ -442,6 +451,20 @@ impl CatalogView {
     /// This cluster's name.
     pub fn cluster(&self) -> &str {
         &self.cluster
+    }
+
+    /// The gateways of this cluster and of every peer that has identified its cluster, as
+    /// (cluster, trust domain, address), sorted by cluster.
+    pub fn gateways(&self) -> Vec<(String, TrustDomain, SocketAddr)> {
+        let mut gateways = vec![(self.cluster.clone(), self.trust_domain.clone(), self.addr)];
+        for (td, import) in &self.imports {
+            let cluster = import.borrow().cluster.clone();
+            if let (false, Some(addr)) = (cluster.is_empty(), self.peer_addresses.get(td)) {
+                gateways.push((cluster, td.clone(), *addr));
+            }
+        }
+        gateways.sort_by(|a, b| a.0.cmp(&b.0));
+        gateways
     }
 
     /// Replaces the exported services: new streams use them at once, and peers receive the
