@@ -7,16 +7,18 @@
 //! snapshot only when something a workload could see changed. The Workload API resends its
 //! streams from it; the tunnels take their SVID sources from it.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use isthmus_api::broker as pb;
 use isthmus_api::broker_client::{BrokerClientError, NodeIdentity};
+use isthmus_core::jwt::JwtSvid;
 use isthmus_core::lifecycle::{DrainTrigger, DrainWatch};
 use isthmus_core::source::CurrentSvid;
 use isthmus_core::svid::SvidError;
 use isthmus_core::{Bundle, BundleSet, SpiffeId, SvidSource, TrustDomain, X509Svid};
+use time::OffsetDateTime;
 use tokio::sync::watch;
 use tokio_stream::StreamExt as _;
 use tokio_stream::StreamMap;
@@ -263,6 +265,50 @@ pub struct WorkloadIdentities {
     snapshot: watch::Receiver<Arc<IdentitySnapshot>>,
     node: Option<Arc<NodeIdentity>>,
     settings: IdentitySettings,
+    jwt_cache: Arc<Mutex<JwtCache>>,
+}
+
+/// Minted JWT-SVIDs by entry and audience set, reused until half their lifetime has passed (as
+/// SPIRE's agent does), so a workload asking per request does not make a broker call each time.
+#[derive(Debug, Default)]
+struct JwtCache {
+    tokens: HashMap<(String, Vec<String>), JwtSvid>,
+}
+
+/// Most tokens kept; past it, expired and half-lived ones are dropped, then everything.
+const JWT_CACHE_LIMIT: usize = 1024;
+
+impl JwtCache {
+    fn key(entry_id: &str, audience: &[String]) -> (String, Vec<String>) {
+        let mut audience = audience.to_vec();
+        audience.sort();
+        audience.dedup();
+        (entry_id.to_owned(), audience)
+    }
+
+    /// Whether a token is still worth handing out: less than half its lifetime gone.
+    fn fresh(token: &JwtSvid, now: OffsetDateTime) -> bool {
+        let issued = token.issued_at.unwrap_or(now);
+        now < issued + (token.expiry - issued) / 2
+    }
+
+    fn get(&self, entry: &RegisteredEntry, audience: &[String]) -> Option<JwtSvid> {
+        self.tokens
+            .get(&Self::key(&entry.id, audience))
+            .filter(|t| t.spiffe_id == entry.spiffe_id && Self::fresh(t, OffsetDateTime::now_utc()))
+            .cloned()
+    }
+
+    fn put(&mut self, entry_id: &str, audience: &[String], token: JwtSvid) {
+        if self.tokens.len() >= JWT_CACHE_LIMIT {
+            let now = OffsetDateTime::now_utc();
+            self.tokens.retain(|_, t| Self::fresh(t, now));
+            if self.tokens.len() >= JWT_CACHE_LIMIT {
+                self.tokens.clear();
+            }
+        }
+        self.tokens.insert(Self::key(entry_id, audience), token);
+    }
 }
 
 impl WorkloadIdentities {
@@ -288,6 +334,7 @@ impl WorkloadIdentities {
             snapshot: rx,
             node: Some(node),
             settings,
+            jwt_cache: Arc::default(),
         }
     }
 
@@ -299,6 +346,7 @@ impl WorkloadIdentities {
             snapshot: rx,
             node: None,
             settings: IdentitySettings::default(),
+            jwt_cache: Arc::default(),
         };
         (identities, tx)
     }
@@ -332,6 +380,46 @@ impl WorkloadIdentities {
     /// How these identities are kept current.
     pub fn settings(&self) -> &IdentitySettings {
         &self.settings
+    }
+
+    /// A JWT-SVID for `entry` with `audience` (at least one value) as its `aud`: minted by the
+    /// broker ([`NodeIdentity::jwt_svid`], which validates it against the node's bundles), or
+    /// the same token again while less than half its lifetime has passed.
+    pub async fn jwt_svid(
+        &self,
+        entry: &RegisteredEntry,
+        audience: &[String],
+    ) -> Result<JwtSvid, IdentityError> {
+        if let Some(token) = self.cache().get(entry, audience) {
+            return Ok(token);
+        }
+        let node = self.node.as_ref().ok_or(IdentityError::NoBroker)?;
+        let timeout = self.settings.call_timeout;
+        let token = tokio::time::timeout(timeout, node.jwt_svid(&entry.id, audience))
+            .await
+            .map_err(|_| IdentityError::Timeout {
+                call: "MintJwtSvid",
+                timeout,
+            })??;
+        if token.spiffe_id != entry.spiffe_id {
+            return Err(IdentityError::BadEntry {
+                entry: entry.id.clone(),
+                reason: format!(
+                    "the broker minted a JWT-SVID for {} instead of {}",
+                    token.spiffe_id, entry.spiffe_id
+                ),
+            });
+        }
+        self.cache().put(&entry.id, audience, token.clone());
+        Ok(token)
+    }
+
+    fn cache(&self) -> std::sync::MutexGuard<'_, JwtCache> {
+        // A panic while holding the lock leaves a cache that is still consistent (every
+        // operation is a single map update), so a poisoned lock is used as is.
+        self.jwt_cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -479,5 +567,104 @@ impl Follower {
             *current = Arc::new(next);
             true
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use isthmus_core::CertificateAuthority;
+    use isthmus_core::ca::{DEFAULT_CA_TTL, DEFAULT_LEAF_TTL};
+
+    use super::*;
+
+    fn td(name: &str) -> TrustDomain {
+        TrustDomain::new(name).unwrap()
+    }
+
+    fn registered(id: &str, selectors: &[&str], federates_with: &[&str]) -> RegisteredEntry {
+        RegisteredEntry {
+            id: id.into(),
+            spiffe_id: SpiffeId::parse(&format!("spiffe://west.example/{id}")).unwrap(),
+            selectors: selectors.iter().map(|s| Selector::unix(*s)).collect(),
+            federates_with: federates_with.iter().map(|t| td(t)).collect(),
+            ttl_seconds: 0,
+        }
+    }
+
+    fn snapshot(entries: Vec<RegisteredEntry>, bundles: Vec<Bundle>) -> IdentitySnapshot {
+        let now = OffsetDateTime::now_utc();
+        let ca = CertificateAuthority::generate(td("west.example"), now, DEFAULT_CA_TTL).unwrap();
+        let held = entries
+            .into_iter()
+            .map(|e| {
+                let svid = ca.issue_svid(&e.spiffe_id, DEFAULT_LEAF_TTL, now).unwrap();
+                (e, svid)
+            })
+            .collect();
+        IdentitySnapshot::from_parts(td("west.example"), held, BundleSet::new(bundles)).unwrap()
+    }
+
+    #[test]
+    fn matching_orders_by_entry_and_hands_out_only_federated_bundles_asked_for() {
+        let snap = snapshot(
+            vec![
+                registered("b", &["uid:1", "gid:2"], &[]),
+                registered(
+                    "a",
+                    &["uid:1"],
+                    &["east.example", "west.example", "gone.example"],
+                ),
+                registered("c", &["uid:3"], &["east.example"]),
+            ],
+            vec![
+                Bundle::new(td("west.example")),
+                Bundle::new(td("east.example")),
+                Bundle::new(td("south.example")),
+            ],
+        );
+        let ids = |selectors: &[&str]| -> Vec<String> {
+            let selectors: Vec<Selector> = selectors.iter().map(|s| Selector::unix(*s)).collect();
+            snap.matching(&selectors)
+                .iter()
+                .map(|w| w.entry.id.clone())
+                .collect()
+        };
+        assert_eq!(ids(&["uid:1"]), ["a"]);
+        assert_eq!(ids(&["gid:2", "uid:1"]), ["a", "b"]);
+        assert!(ids(&["gid:2"]).is_empty());
+        assert!(ids(&[]).is_empty());
+        let a = &snap.matching(&[Selector::unix("uid:1")])[0];
+        assert_eq!(
+            a.bundle.as_ref().map(|b| b.trust_domain().name()),
+            Some("west.example")
+        );
+        let federated: Vec<&str> = a
+            .federated
+            .iter()
+            .map(|b| b.trust_domain().name())
+            .collect();
+        assert_eq!(
+            federated,
+            ["east.example"],
+            "own and unknown domains are left out"
+        );
+    }
+
+    #[test]
+    fn snapshots_differ_only_in_what_a_workload_sees() {
+        let a = snapshot(vec![registered("a", &["uid:1"], &[])], vec![]);
+        let same = IdentitySnapshot {
+            held: a.held.clone(),
+            ..a.clone()
+        };
+        assert!(a.same_as(&same));
+        let mut more_bundles = a.clone();
+        more_bundles.bundles = Arc::new(BundleSet::new([Bundle::new(td("east.example"))]));
+        assert!(!a.same_as(&more_bundles));
+        let renewed = snapshot(vec![registered("a", &["uid:1"], &[])], vec![]);
+        assert!(!a.same_as(&renewed), "a new SVID is a change");
+        let mut unsynced = a.clone();
+        unsynced.synced = false;
+        assert!(!a.same_as(&unsynced));
     }
 }

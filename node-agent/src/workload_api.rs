@@ -17,7 +17,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use isthmus_core::endpoint::WorkloadEndpoint;
+use isthmus_core::jwt;
 use isthmus_core::lifecycle::DrainWatch;
+use isthmus_core::{Bundle, BundleSet, SpiffeId};
 use tokio::net::UnixListener;
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
@@ -386,8 +388,41 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         request: Request<pb::JwtsvidRequest>,
     ) -> Result<Response<pb::JwtsvidResponse>, Status> {
-        let _selectors = self.attest(&request).await?;
-        Err(Status::unimplemented("JWT-SVIDs are not served yet"))
+        let wanted = jwt_request(request.get_ref())?;
+        let selectors = self.attest(&request).await?;
+        let snapshot = self.synced_snapshot().await?;
+        let mut identities = identities_of(&snapshot, &selectors)?;
+        if let Some(wanted) = &wanted {
+            // One token for the asked identity, whichever of its entries comes first.
+            identities.retain(|i| i.entry.spiffe_id == *wanted);
+            identities.truncate(1);
+            if identities.is_empty() {
+                return Err(Status::permission_denied(format!(
+                    "no identity issued for {wanted}"
+                )));
+            }
+        }
+        let audience = &request.get_ref().audience;
+        let mut svids = Vec::with_capacity(identities.len());
+        for identity in &identities {
+            let token = self
+                .identities
+                .jwt_svid(&identity.entry, audience)
+                .await
+                .map_err(|e| {
+                    tracing::warn!(entry = %identity.entry.id, error = %e, "cannot mint a JWT-SVID");
+                    Status::unavailable(format!(
+                        "cannot mint a JWT-SVID for {}: {e}",
+                        identity.entry.spiffe_id
+                    ))
+                })?;
+            svids.push(pb::Jwtsvid {
+                spiffe_id: token.spiffe_id.to_string(),
+                svid: token.token,
+                hint: String::new(),
+            });
+        }
+        Ok(Response::new(pb::JwtsvidResponse { svids }))
     }
 
     async fn fetch_jwt_bundles(
@@ -402,11 +437,74 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         request: Request<pb::ValidateJwtsvidRequest>,
     ) -> Result<Response<pb::ValidateJwtsvidResponse>, Status> {
-        let _selectors = self.attest(&request).await?;
-        Err(Status::unimplemented(
-            "JWT-SVID validation is not served yet",
-        ))
+        let pb::ValidateJwtsvidRequest { audience, svid } = request.get_ref();
+        if audience.is_empty() {
+            return Err(Status::invalid_argument("audience must be specified"));
+        }
+        if svid.is_empty() {
+            return Err(Status::invalid_argument("svid must be specified"));
+        }
+        let selectors = self.attest(&request).await?;
+        let snapshot = self.synced_snapshot().await?;
+        // Validated only against the bundles this workload receives (its own trust domain and
+        // the federated ones of its entries), as SPIRE does.
+        let identities = identities_of(&snapshot, &selectors)?;
+        let bundles = BundleSet::new(
+            snapshot
+                .own_bundle()
+                .into_iter()
+                .chain(federated_of(&snapshot, &identities).values())
+                .map(|b| Bundle::clone(b)),
+        );
+        let token = jwt::validate(svid, audience, &bundles)
+            .map_err(|e| Status::invalid_argument(format!("invalid JWT-SVID: {e}")))?;
+        Ok(Response::new(pb::ValidateJwtsvidResponse {
+            spiffe_id: token.spiffe_id.to_string(),
+            claims: Some(claims_struct(&token.claims)),
+        }))
     }
+}
+
+/// Checks a `FetchJWTSVID` request and returns the SPIFFE ID it asks for, if any.
+fn jwt_request(request: &pb::JwtsvidRequest) -> Result<Option<SpiffeId>, Status> {
+    if request.audience.is_empty() || request.audience.iter().any(String::is_empty) {
+        return Err(Status::invalid_argument("audience must be specified"));
+    }
+    if request.spiffe_id.is_empty() {
+        return Ok(None);
+    }
+    SpiffeId::parse(&request.spiffe_id).map(Some).map_err(|e| {
+        Status::invalid_argument(format!(
+            "spiffe_id {:?} is not a SPIFFE ID: {e}",
+            request.spiffe_id
+        ))
+    })
+}
+
+/// JWT claims as a `google.protobuf.Struct` (numbers become doubles, as in JSON).
+fn claims_struct(claims: &serde_json::Map<String, serde_json::Value>) -> prost_types::Struct {
+    prost_types::Struct {
+        fields: claims
+            .iter()
+            .map(|(name, value)| (name.clone(), claim_value(value)))
+            .collect(),
+    }
+}
+
+fn claim_value(value: &serde_json::Value) -> prost_types::Value {
+    use prost_types::value::Kind;
+    use serde_json::Value;
+    let kind = match value {
+        Value::Null => Kind::NullValue(prost_types::NullValue::NullValue.into()),
+        Value::Bool(b) => Kind::BoolValue(*b),
+        Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or(f64::NAN)),
+        Value::String(s) => Kind::StringValue(s.clone()),
+        Value::Array(items) => Kind::ListValue(prost_types::ListValue {
+            values: items.iter().map(claim_value).collect(),
+        }),
+        Value::Object(map) => Kind::StructValue(claims_struct(map)),
+    };
+    prost_types::Value { kind: Some(kind) }
 }
 
 /// The Workload API served on its Unix socket.

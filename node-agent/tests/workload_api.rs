@@ -153,6 +153,26 @@ impl Agent {
     }
 }
 
+/// A raw client on the generated stubs that sends the security header.
+type RawClient = SpiffeWorkloadApiClient<
+    tonic::service::interceptor::InterceptedService<
+        tonic::transport::Channel,
+        wapi::SecurityHeaderCheck,
+    >,
+>;
+
+fn raw_client(server: &WorkloadApiServer) -> RawClient {
+    fn header(mut r: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        r.metadata_mut()
+            .insert(wapi::SECURITY_HEADER, "true".parse().unwrap());
+        Ok(r)
+    }
+    SpiffeWorkloadApiClient::with_interceptor(
+        unix_channel(server.socket().to_path_buf()),
+        header as wapi::SecurityHeaderCheck,
+    )
+}
+
 /// Waits (bounded) until `check` holds.
 async fn eventually<F, Fut>(what: &str, limit: Duration, mut check: F)
 where
@@ -436,13 +456,8 @@ async fn a_request_without_the_security_header_is_invalid() {
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::InvalidArgument);
 
-    // With the header, the same raw client is served.
-    let mut good =
-        SpiffeWorkloadApiClient::with_interceptor(channel, |mut r: tonic::Request<()>| {
-            r.metadata_mut()
-                .insert(wapi::SECURITY_HEADER, "true".parse().unwrap());
-            Ok(r)
-        });
+    // With the header, the same stubs are served.
+    let mut good = raw_client(&agent.server);
     let mut stream = good
         .fetch_x509svid(wapi::pb::X509svidRequest {})
         .await
@@ -495,14 +510,7 @@ async fn an_unregistered_caller_is_denied_until_an_entry_names_it() {
     assert!(denied(&e), "{e:?}");
     let e = client.fetch_jwt_bundles().await.unwrap_err();
     assert!(denied(&e), "{e:?}");
-    let mut raw = SpiffeWorkloadApiClient::with_interceptor(
-        unix_channel(agent.server.socket().to_path_buf()),
-        |mut r: tonic::Request<()>| {
-            r.metadata_mut()
-                .insert(wapi::SECURITY_HEADER, "true".parse().unwrap());
-            Ok(r)
-        },
-    );
+    let mut raw = raw_client(&agent.server);
     let status = raw
         .fetch_x509svid(wapi::pb::X509svidRequest {})
         .await
@@ -545,6 +553,152 @@ async fn an_unregistered_caller_is_denied_until_an_entry_names_it() {
     let e = client.fetch_x509_svid().await.unwrap_err();
     assert!(denied(&e), "{e:?}");
 
+    agent.stop().await;
+    west.shutdown(Duration::from_secs(2)).await;
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwt_svids_are_minted_validated_and_their_bundles_served() {
+    let dir = temp_dir("jwt");
+    let west = start_broker(WEST, &dir).await;
+    let me = uid_selector(my_uid());
+    add_entry(
+        &west,
+        entry("a-first", "ns/demo/sa/first", vec![me.clone()], &[]),
+    )
+    .await;
+    add_entry(&west, entry("b-second", "ns/demo/sa/second", vec![me], &[])).await;
+    add_entry(
+        &west,
+        entry(
+            "c-other",
+            "ns/demo/sa/other",
+            vec![uid_selector(my_uid().wrapping_add(1))],
+            &[],
+        ),
+    )
+    .await;
+    let agent = Agent::start(&west, &dir).await;
+    let client = agent.client().await;
+    let audience = "spiffe://west.example/ns/demo/sa/server";
+    let first = spiffe::SpiffeId::new("spiffe://west.example/ns/demo/sa/first").unwrap();
+    let second = spiffe::SpiffeId::new("spiffe://west.example/ns/demo/sa/second").unwrap();
+    let other = spiffe::SpiffeId::new("spiffe://west.example/ns/demo/sa/other").unwrap();
+
+    // The default identity, every identity, one asked for, one not this workload's.
+    let svid = client.fetch_jwt_svid([audience], None).await.unwrap();
+    assert_eq!(svid.spiffe_id(), &first);
+    assert_eq!(svid.audience(), [audience]);
+    let all = client.fetch_all_jwt_svids([audience], None).await.unwrap();
+    let ids: Vec<_> = all.iter().map(|s| s.spiffe_id().clone()).collect();
+    assert_eq!(ids, [first.clone(), second.clone()]);
+    let asked = client
+        .fetch_jwt_svid([audience, "extra"], Some(&second))
+        .await
+        .unwrap();
+    assert_eq!(asked.spiffe_id(), &second);
+    assert_eq!(asked.audience(), [audience, "extra"]);
+    let e = client
+        .fetch_jwt_svid([audience], Some(&other))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, WorkloadApiError::NoIdentityIssued), "{e:?}");
+    // Within half its lifetime the same token is handed out again.
+    let again = client.fetch_jwt_svid([audience], None).await.unwrap();
+    assert_eq!(again.token(), svid.token());
+
+    // Validation by the agent: the right audience passes, anything else is refused.
+    let validated = client
+        .validate_jwt_token(audience, svid.token())
+        .await
+        .unwrap();
+    assert_eq!(validated.spiffe_id(), &first);
+    let e = client
+        .validate_jwt_token("spiffe://west.example/ns/demo/sa/elsewhere", svid.token())
+        .await
+        .unwrap_err();
+    assert!(e.is_invalid_argument(), "{e:?}");
+    // Another signature: the first character of the signature segment carries six bits.
+    let token = svid.token();
+    let at = token.rfind('.').unwrap() + 1;
+    let flipped = if token[at..].starts_with('A') {
+        "B"
+    } else {
+        "A"
+    };
+    let tampered = format!("{}{flipped}{}", &token[..at], &token[at + 1..]);
+    let e = client
+        .validate_jwt_token(audience, &tampered)
+        .await
+        .unwrap_err();
+    assert!(e.is_invalid_argument(), "{e:?}");
+
+    // The served JWT bundles validate the token independently of the agent.
+    let bundles = client.fetch_jwt_bundles().await.unwrap();
+    spiffe::JwtSvid::parse_and_validate(svid.token(), &bundles, &[audience]).unwrap();
+    let source = spiffe::JwtSource::builder()
+        .endpoint(agent.server.endpoint())
+        .build()
+        .await
+        .unwrap();
+    let from_source = source.fetch_jwt_svid([audience]).await.unwrap();
+    spiffe::JwtSvid::parse_and_validate(from_source.token(), &source, &[audience]).unwrap();
+
+    // Mandatory fields.
+    let mut raw = raw_client(&agent.server);
+    let status = raw
+        .fetch_jwtsvid(wapi::pb::JwtsvidRequest {
+            audience: vec![],
+            spiffe_id: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert_eq!(status.message(), "audience must be specified");
+    for (audience, svid) in [("", svid.token()), (audience, "")] {
+        let status = raw
+            .validate_jwtsvid(wapi::pb::ValidateJwtsvidRequest {
+                audience: audience.into(),
+                svid: svid.into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    }
+    let claims = raw
+        .validate_jwtsvid(wapi::pb::ValidateJwtsvidRequest {
+            audience: audience.into(),
+            svid: svid.token().into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .claims
+        .unwrap();
+    assert_eq!(
+        claims.fields["sub"].kind,
+        Some(prost_types::value::Kind::StringValue(first.to_string()))
+    );
+
+    // A new signing key reaches the JWT bundle stream.
+    let mut stream = client.stream_jwt_bundles().await.unwrap();
+    let west_td = spiffe::TrustDomain::new(WEST).unwrap();
+    let keys =
+        |set: &spiffe::JwtBundleSet| set.get(&west_td).map_or(0, |b| b.jwt_authorities().count());
+    let before = keys(&stream.next().await.unwrap().unwrap());
+    assert!(before >= 1);
+    west.authority()
+        .rotate_now(time::OffsetDateTime::now_utc())
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(15), async {
+        while keys(&stream.next().await.unwrap().unwrap()) <= before {}
+    })
+    .await
+    .expect("the rotated JWT key did not reach the FetchJWTBundles stream");
+
+    drop(stream);
+    source.shutdown().await;
     agent.stop().await;
     west.shutdown(Duration::from_secs(2)).await;
     let _ = std::fs::remove_dir_all(dir);
