@@ -13,6 +13,7 @@
 
 pub mod admin_http;
 pub mod broker_client;
+pub mod catalog_watch;
 pub mod identity;
 pub mod transport;
 pub mod tunnel;

@@ -31,6 +31,8 @@ use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::watch;
 use tonic::transport::Channel;
 
+pub use isthmus_api::catalog_watch::Backoff;
+
 use crate::forward::{Forwarded, Forwarder};
 use crate::metrics::{DnsMetrics, Source};
 use crate::records::{Answer, AnswerKind, ClusterSetZone, ZoneSettings};
@@ -547,83 +549,22 @@ async fn bind(listen: SocketAddr) -> Result<(UdpSocket, TcpListener), ServerErro
     })
 }
 
-/// Back-off between catalog reconnections.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Backoff {
-    /// The first wait after a failure.
-    pub initial: Duration,
-    /// The longest wait.
-    pub max: Duration,
-}
-
-impl Default for Backoff {
-    fn default() -> Self {
-        Self {
-            initial: Duration::from_millis(100),
-            max: Duration::from_secs(10),
-        }
-    }
-}
-
 /// Watches the gateway's catalog API on `client` (typically over
 /// [`isthmus_api::transport::tls_channel`]) and publishes every snapshot into `feed` until
-/// `drain` signals. A failed call or a stream that ends or breaks is retried after a back-off
-/// that doubles up to `backoff.max` and starts over once a snapshot arrives; the last zone
-/// keeps being answered meanwhile.
+/// `drain` signals; see [`isthmus_api::catalog_watch::follow`] for the reconnection rules.
 pub async fn follow_catalog(
-    mut client: CatalogClient<Channel>,
+    client: CatalogClient<Channel>,
     mut feed: ZoneFeed,
     backoff: Backoff,
     drain: DrainWatch,
 ) {
-    let mut wait = backoff.initial;
-    loop {
-        let outcome = tokio::select! {
-            () = drain.signaled() => return,
-            outcome = watch_once(&mut client, &mut feed) => outcome,
-        };
-        match outcome {
-            WatchOutcome::Received => wait = backoff.initial,
-            WatchOutcome::Nothing => {}
-        }
-        tokio::select! {
-            () = drain.signaled() => return,
-            () = tokio::time::sleep(wait) => {}
-        }
-        wait = (wait * 2).min(backoff.max);
-    }
-}
-
-enum WatchOutcome {
-    /// At least one snapshot arrived before the stream ended.
-    Received,
-    /// The call failed before any snapshot.
-    Nothing,
-}
-
-async fn watch_once(client: &mut CatalogClient<Channel>, feed: &mut ZoneFeed) -> WatchOutcome {
-    let mut stream = match client.watch(pb::WatchCatalogRequest {}).await {
-        Ok(response) => response.into_inner(),
-        Err(status) => {
-            tracing::warn!(error = %status, "catalog watch failed; retrying");
-            return WatchOutcome::Nothing;
-        }
-    };
-    let mut outcome = WatchOutcome::Nothing;
-    loop {
-        match stream.message().await {
-            Ok(Some(snapshot)) => {
-                feed.publish(&snapshot);
-                outcome = WatchOutcome::Received;
-            }
-            Ok(None) => {
-                tracing::warn!("catalog watch ended; reconnecting");
-                return outcome;
-            }
-            Err(status) => {
-                tracing::warn!(error = %status, "catalog watch broke; reconnecting");
-                return outcome;
-            }
-        }
-    }
+    isthmus_api::catalog_watch::follow(
+        client,
+        move |snapshot| {
+            feed.publish(&snapshot);
+        },
+        backoff,
+        drain,
+    )
+    .await;
 }
