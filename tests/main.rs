@@ -8,6 +8,7 @@
 
 mod support;
 
+mod agent;
 mod broker;
 mod broker_client;
 mod broker_durability;

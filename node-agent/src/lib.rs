@@ -5,6 +5,9 @@
 //! - [`attest`]: a caller's `unix` selectors from its peer credentials and `/proc`.
 //! - [`identities`]: the SVIDs and bundles of every entry assigned to the node, kept current from
 //!   the trust broker and published as snapshots ([`WorkloadIdentities`]).
+//! - [`outbound`]: connections to global services (explicit VIP listeners or the eBPF
+//!   redirect), tunnelled to the serving cluster's gateway with the workload's own SVID, or
+//!   connected directly to a local endpoint; [`peer`] names the process behind a TCP peer.
 //! - [`redirect`]: the eBPF programs (cgroup connect4/connect6, sockops, getpeername4/6) that
 //!   send connects to global-service VIPs to the agent, loaded with aya.
 //!
@@ -12,9 +15,12 @@
 
 pub mod attest;
 pub mod identities;
+pub mod outbound;
+pub mod peer;
 pub mod redirect;
 pub mod sandbox;
 pub mod workload_api;
 
 pub use identities::{IdentitySnapshot, WorkloadIdentities};
+pub use outbound::{Mode, Outbound, OutboundSettings};
 pub use workload_api::WorkloadApiServer;
