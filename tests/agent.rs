@@ -28,8 +28,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::broker::eventually;
 use crate::gateway::{echo_backend, id, now, td};
 
-const WORKLOAD: &str = "spiffe://west.example/ns/demo/sa/client";
-const SERVICE_PORT: u16 = 18080;
+pub(crate) const WORKLOAD: &str = "spiffe://west.example/ns/demo/sa/client";
+pub(crate) const SERVICE_PORT: u16 = 18080;
 
 fn echo_export(backend: SocketAddr, allow: Vec<AllowRule>) -> ExportedService {
     ExportedService {
@@ -62,15 +62,20 @@ fn gateway_identity(ca: &CertificateAuthority, trust: &TrustStore) -> GatewayIde
 
 /// Two clusters: east exports echo (allowing only `allowed`), west imports it and serves its
 /// catalog API with VIPs from 127.77.<subnet>.0/24.
-struct Clusters {
-    west_ca: CertificateAuthority,
-    trust: TrustStore,
-    east: Gateway,
-    west: Gateway,
+pub(crate) struct Clusters {
+    pub(crate) west_ca: CertificateAuthority,
+    pub(crate) trust: TrustStore,
+    pub(crate) east: Gateway,
+    pub(crate) west: Gateway,
 }
 
 /// `subnet` keeps the VIPs of concurrently running tests apart (127.77.<subnet>.0/24).
 async fn clusters(allowed: &str, subnet: u8) -> Clusters {
+    clusters_with_vips(allowed, &format!("127.77.{subnet}.0/24")).await
+}
+
+/// [`clusters`] with west's VIPs from `vip_range`.
+pub(crate) async fn clusters_with_vips(allowed: &str, vip_range: &str) -> Clusters {
     let west_ca =
         CertificateAuthority::generate(td("west.example"), now(), DEFAULT_CA_TTL).unwrap();
     let east_ca =
@@ -100,7 +105,7 @@ async fn clusters(allowed: &str, subnet: u8) -> Clusters {
         catalog_listen: Some("127.0.0.1:0".parse().unwrap()),
         ..GatewayConfig::default()
     };
-    west_cfg.peering.vip_range = format!("127.77.{subnet}.0/24");
+    west_cfg.peering.vip_range = vip_range.into();
     west_cfg.peering.peers = vec![PeerConfig {
         trust_domain: td("east.example"),
         address: east.addr(),
@@ -118,10 +123,27 @@ async fn clusters(allowed: &str, subnet: u8) -> Clusters {
 
 /// The agent of a west node whose one entry gives processes of `uid` the workload ID.
 async fn agent(clusters: &Clusters, uid: u32, drain: &DrainTrigger) -> Outbound {
+    agent_with(
+        clusters,
+        vec![Selector::unix(format!("uid:{uid}"))],
+        Mode::Explicit,
+        drain,
+    )
+    .await
+}
+
+/// The agent of a west node in `mode` whose one entry gives workloads with `selectors` the
+/// workload ID.
+pub(crate) async fn agent_with(
+    clusters: &Clusters,
+    selectors: Vec<Selector>,
+    mode: Mode,
+    drain: &DrainTrigger,
+) -> Outbound {
     let entry = RegisteredEntry {
         id: "entry-client".into(),
         spiffe_id: id(WORKLOAD),
-        selectors: vec![Selector::unix(format!("uid:{uid}"))],
+        selectors,
         federates_with: vec![td("east.example")],
         ttl_seconds: 0,
     };
@@ -171,7 +193,7 @@ async fn agent(clusters: &Clusters, uid: u32, drain: &DrainTrigger) -> Outbound 
     ));
     Outbound::start(
         OutboundSettings {
-            mode: Mode::Explicit,
+            mode,
             quic_bind: "127.0.0.1:0".parse().unwrap(),
             ..OutboundSettings::default()
         },

@@ -9,6 +9,7 @@
 mod support;
 
 mod agent;
+mod agent_transparent;
 mod broker;
 mod broker_client;
 mod broker_durability;

@@ -211,7 +211,8 @@ pub enum AnswerKind {
 }
 
 impl AnswerKind {
-    /// The DNS response code: REFUSED outside the zone until forwarding exists.
+    /// The DNS response code: REFUSED outside the zone (the server forwards those names instead
+    /// when it has a forwarder).
     pub fn response_code(self) -> ResponseCode {
         match self {
             Self::Records | Self::NoData => ResponseCode::NoError,
