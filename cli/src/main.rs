@@ -2,6 +2,7 @@
 //! maps failures to exit codes (64: invalid configuration, naming the field; 1: failure).
 //! Logic that tests need lives in the libraries.
 
+mod agent;
 mod broker;
 mod dns;
 mod gateway;
@@ -33,6 +34,8 @@ enum Command {
     Bundle(broker::BundleArgs),
     /// Run the DNS server for `clusterset.local`, fed by the gateway's catalog API.
     Dns(ConfigArgs),
+    /// Run the node agent: Workload API, and tunnels from workloads to global services.
+    Agent(ConfigArgs),
     /// Run the east-west gateway (QUIC mTLS tunnels, HTTP/2 CONNECT fallback).
     Gateway(gateway::GatewayArgs),
     /// SPIFFE identities: demo, inspect certificates and bundles.
@@ -132,6 +135,7 @@ fn dispatch(cli: Cli, env: &dyn config::Environment) -> Result<(), Failure> {
         Command::Bundle(args) => broker::run_bundle(args, env),
         Command::Gateway(args) => gateway::run(args, env),
         Command::Dns(args) => dns::run(args, env),
+        Command::Agent(args) => agent::run(args, env),
         Command::Identity(IdentityCommand::Demo(args)) => {
             let cfg: identity::DemoConfig =
                 config::load(args.config.as_deref(), env, identity::DEMO_ENV, &args.set)?;
@@ -192,6 +196,45 @@ mod tests {
             other => panic!("expected a configuration error, got {other:?}"),
         }
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn agent_config_errors_name_the_field() {
+        let env = BTreeMap::new();
+        let set = |field: &str| format!("--set={field}");
+        match dispatch_args(
+            &[
+                "isthmus",
+                "agent",
+                "--check",
+                &set("trust_domain=west.example"),
+            ],
+            &env,
+        ) {
+            Err(Failure::Config(e)) => assert_eq!(e.field(), Some("broker"), "{e}"),
+            other => panic!("expected a configuration error, got {other:?}"),
+        }
+        let mut env = BTreeMap::new();
+        env.insert(
+            "ISTHMUS_AGENT_SOCKET".to_owned(),
+            "relative.sock".to_owned(),
+        );
+        match dispatch_args(
+            &[
+                "isthmus",
+                "agent",
+                "--check",
+                &set("trust_domain=west.example"),
+                &set("broker.address=127.0.0.1:8081"),
+                &set("broker.bundle_file=/b.json"),
+                &set("broker.join_token_file=/t"),
+                &set("catalog=127.0.0.1:15012"),
+            ],
+            &env,
+        ) {
+            Err(Failure::Config(e)) => assert_eq!(e.field(), Some("workload_api.socket"), "{e}"),
+            other => panic!("expected a configuration error, got {other:?}"),
+        }
     }
 
     #[test]

@@ -14,6 +14,7 @@
 //! Start with [`WorkloadIdentities::start`] and [`WorkloadApiServer::start_unix`].
 
 pub mod attest;
+pub mod config;
 pub mod identities;
 pub mod outbound;
 pub mod peer;
