@@ -312,3 +312,61 @@ fn nix_uid() -> u32 {
         .parse()
         .unwrap()
 }
+
+/// A backend that answers every connection with `tag` followed by what it read.
+async fn tagged_backend(tag: &'static [u8]) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut request = Vec::new();
+                let _ = tcp.read_to_end(&mut request).await;
+                let _ = tcp.write_all(tag).await;
+                let _ = tcp.write_all(&request).await;
+                let _ = tcp.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_endpoint_is_connected_directly_without_a_tunnel() {
+    let clusters = clusters(WORKLOAD, 4).await;
+    // West exports echo too (affinity local, the default): the agent prefers its endpoint.
+    let local = tagged_backend(b"west:").await;
+    clusters
+        .west
+        .view()
+        .replace_exports(&[echo_export(local, vec![])]);
+    let (drain, _) = DrainTrigger::new();
+    let outbound = agent(&clusters, nix_uid(), &drain).await;
+    eventually(
+        "west's own endpoint is in the catalog",
+        Duration::from_secs(10),
+        || {
+            clusters
+                .west
+                .status(time::OffsetDateTime::now_utc())
+                .services
+                .iter()
+                .any(|s| s.name == "echo" && s.exported)
+                && !outbound.listening().is_empty()
+        },
+    )
+    .await;
+    // The agent's table follows the catalog; give it the snapshot with west's endpoint.
+    let vip = outbound.listening()[0];
+    let mut reply = Vec::new();
+    for _ in 0..50 {
+        reply = echo_through(vip, b"hello").await.unwrap_or_default();
+        if reply == b"west:hello" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(reply, b"west:hello", "stats: {:?}", outbound.stats());
+    assert!(outbound.stats().direct >= 1, "{:?}", outbound.stats());
+    drain.start_drain();
+}

@@ -64,6 +64,7 @@ fn service(
         ports: ports
             .iter()
             .map(|(name, protocol, port)| pb::Port {
+                local_target_port: 0,
                 name: (*name).into(),
                 protocol: (*protocol).into(),
                 port: *port,

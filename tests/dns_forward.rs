@@ -29,6 +29,7 @@ fn service(namespace: &str, name: &str, vip: &str) -> pb::GlobalService {
         r#type: "ClusterSetIP".into(),
         affinity: "none".into(),
         ports: vec![pb::Port {
+            local_target_port: 0,
             name: "http".into(),
             protocol: "TCP".into(),
             port: 80,

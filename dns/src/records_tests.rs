@@ -5,6 +5,7 @@ use super::*;
 
 fn port(name: &str, protocol: &str, number: u32) -> pb::Port {
     pb::Port {
+        local_target_port: 0,
         name: name.into(),
         protocol: protocol.into(),
         port: number,

@@ -23,11 +23,16 @@ use crate::server::{CatalogView, GatewayError, GatewayIdentity};
 /// of the staleness budget without sending anything).
 pub const RECHECK: Duration = Duration::from_secs(1);
 
+/// Target ports of this cluster's exports, by (namespace, name, service port), where they
+/// differ from the service port.
+pub type TargetPorts = std::collections::BTreeMap<(String, String, u16), u16>;
+
 /// Converts the catalog for the wire.
 pub fn to_snapshot(
     cluster: &str,
     services: &[(GlobalService, Option<std::net::Ipv4Addr>)],
     gateways: &[(String, TrustDomain, SocketAddr)],
+    target_ports: &TargetPorts,
 ) -> pb::CatalogSnapshot {
     pb::CatalogSnapshot {
         cluster: cluster.to_owned(),
@@ -63,6 +68,9 @@ pub fn to_snapshot(
                         name: p.name.clone(),
                         protocol: p.protocol.to_string(),
                         port: u32::from(p.port),
+                        local_target_port: target_ports
+                            .get(&(s.key.namespace.clone(), s.key.name.clone(), p.port))
+                            .map_or(0, |t| u32::from(*t)),
                     })
                     .collect(),
                 clusters: s
@@ -113,6 +121,7 @@ impl Catalog for CatalogService {
                     view.cluster(),
                     &view.catalog_with_vips(time::OffsetDateTime::now_utc()),
                     &view.gateways(),
+                    &view.target_ports(),
                 );
                 // Every message is the full state; an unchanged state is not resent.
                 if last.as_ref() != Some(&snapshot) {

@@ -310,6 +310,7 @@ impl Gateway {
             cluster: config.cluster.clone(),
             addr,
             trust_domain: own.clone(),
+            target_ports: Arc::default(),
             peer_addresses: config
                 .peering
                 .peers
@@ -430,6 +431,7 @@ pub struct CatalogView {
     addr: SocketAddr,
     trust_domain: TrustDomain,
     peer_addresses: BTreeMap<TrustDomain, SocketAddr>,
+    target_ports: Arc<std::sync::Mutex<crate::catalog_api::TargetPorts>>,
     dispatcher: Dispatcher,
     vips: Arc<std::sync::Mutex<isthmus_core::catalog::VipAllocator>>,
     store: Option<ImportStore>,
@@ -451,6 +453,14 @@ impl CatalogView {
     /// This cluster's name.
     pub fn cluster(&self) -> &str {
         &self.cluster
+    }
+
+    /// The target ports of this cluster's exports that differ from their service ports.
+    pub fn target_ports(&self) -> crate::catalog_api::TargetPorts {
+        self.target_ports
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// The gateways of this cluster and of every peer that has identified its cluster, as
@@ -475,6 +485,18 @@ impl CatalogView {
     /// exported and comes back is a new export.
     pub fn replace_exports(&self, services: &[crate::config::ExportedService]) {
         self.dispatcher.replace_services(services);
+        *self
+            .target_ports
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = services
+            .iter()
+            .flat_map(|s| {
+                s.ports.iter().filter_map(|p| {
+                    let target = p.target_port.filter(|t| *t != p.port)?;
+                    Some(((s.namespace.clone(), s.name.clone(), p.port), target))
+                })
+            })
+            .collect();
         let now = time::OffsetDateTime::now_utc();
         let mut created = self
             .created

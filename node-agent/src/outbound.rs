@@ -97,6 +97,8 @@ struct Route {
     service: pb::GlobalService,
     global: isthmus_core::catalog::GlobalService,
     port: u16,
+    /// The port local endpoints listen on.
+    local_port: u16,
 }
 
 /// The routing table built from one catalog snapshot.
@@ -130,6 +132,10 @@ impl Table {
                         service: service.clone(),
                         global: global.clone(),
                         port: number,
+                        local_port: u16::try_from(port.local_target_port)
+                            .ok()
+                            .filter(|p| *p != 0)
+                            .unwrap_or(number),
                     },
                 );
             }
@@ -528,7 +534,7 @@ async fn handle(
             let Some(endpoint) = pick_endpoint(&route.global, &cluster) else {
                 continue;
             };
-            let target = SocketAddr::new(endpoint, route.port);
+            let target = SocketAddr::new(endpoint, route.local_port);
             match tokio::time::timeout(state.settings.connect_timeout, TcpStream::connect(target))
                 .await
             {
