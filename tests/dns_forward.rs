@@ -300,3 +300,32 @@ async fn catalog_sync_blocks_readiness_until_the_first_zone() {
     assert_eq!(addresses(&answered), vec!["10.96.0.1"]);
     server.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn names_outside_the_zone_are_forwarded_before_the_first_catalog_snapshot() {
+    let upstream = Upstream::start().await;
+    let settings = ZoneSettings::new("clusterset.local", 5, 100).unwrap();
+    let origin = settings.origin().clone();
+    let (_feed, zone) = ZoneFeed::new(settings);
+    let loopback = loopback();
+    let handler = ZoneHandler::new(zone, loopback.max_udp_payload)
+        .with_forwarder(Forwarder::new(&to(upstream.server.local_addr())).unwrap())
+        .with_origin(origin);
+    let server = DnsServer::start_with(&loopback, handler).await.unwrap();
+    let outside = ask(
+        server.local_addr(),
+        "web.demo.svc.upstream.test.",
+        RecordType::A,
+    )
+    .await;
+    assert_eq!(addresses(&outside), vec!["10.77.0.7"]);
+    // Names of the zone stay unknown (SERVFAIL, never NXDOMAIN) until the catalog arrives.
+    let inside = ask(
+        server.local_addr(),
+        "api.prod.svc.clusterset.local.",
+        RecordType::A,
+    )
+    .await;
+    assert_eq!(inside.response_code, ResponseCode::ServFail);
+    server.shutdown().await.unwrap();
+}

@@ -40,12 +40,16 @@ async fn serve(cfg: DnsConfig) -> anyhow::Result<()> {
     let mut registry = MetricsRegistry::new();
     let metrics = DnsMetrics::register(&mut registry);
     let readiness = Readiness::new();
-    let (feed, zone) = ZoneFeed::new(cfg.zone_settings()?);
+    let zone_settings = cfg.zone_settings()?;
+    let origin = zone_settings.origin().clone();
+    let (feed, zone) = ZoneFeed::new(zone_settings);
     let feed = feed
         .with_metrics(metrics.clone())
         .with_readiness(readiness.register("catalog sync"));
     let settings = cfg.server_settings();
-    let mut handler = ZoneHandler::new(zone, settings.max_udp_payload).with_metrics(metrics);
+    let mut handler = ZoneHandler::new(zone, settings.max_udp_payload)
+        .with_metrics(metrics)
+        .with_origin(origin);
     let forwarding = match cfg.forward.settings() {
         Some(forward) => {
             let forwarder = Forwarder::new(&forward).context("setting up forwarding")?;

@@ -169,6 +169,7 @@ pub struct ZoneHandler {
     zone: ZoneReceiver,
     max_udp_payload: u16,
     forwarder: Option<Forwarder>,
+    origin: Option<Name>,
     metrics: DnsMetrics,
 }
 
@@ -180,6 +181,7 @@ impl ZoneHandler {
             zone,
             max_udp_payload: max_udp_payload.max(MIN_UDP_PAYLOAD),
             forwarder: None,
+            origin: None,
             metrics: DnsMetrics::default(),
         }
     }
@@ -187,6 +189,13 @@ impl ZoneHandler {
     /// Forwards names outside the zone through `forwarder` instead of refusing them.
     pub fn with_forwarder(mut self, forwarder: Forwarder) -> Self {
         self.forwarder = Some(forwarder);
+        self
+    }
+
+    /// The zone's origin, so names outside it are forwarded even before the first catalog
+    /// snapshot (without it, every name answers SERVFAIL until then).
+    pub fn with_origin(mut self, origin: Name) -> Self {
+        self.origin = Some(origin);
         self
     }
 
@@ -324,6 +333,18 @@ impl ZoneHandler {
         }
         // Clone the Arc so the watch is not borrowed across the await below.
         let Some(zone) = self.zone.borrow().clone() else {
+            // No zone yet: names of the zone are unknown (SERVFAIL), but names outside it
+            // can be forwarded already.
+            let name = Name::from(query.name().clone());
+            if let (Some(forwarder), Some(origin)) = (&self.forwarder, &self.origin)
+                && !origin.zone_of(&name)
+            {
+                let forwarded = forwarder.forward(&name, query.query_type()).await;
+                return (
+                    send_forwarded(request, edns.as_ref(), &name, forwarded, response_handle).await,
+                    Source::Forward,
+                );
+            }
             return (
                 send_error(
                     request,
