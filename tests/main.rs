@@ -19,6 +19,7 @@ mod federation;
 mod gateway;
 mod gateway_fallback;
 mod jwt_svid;
+mod lab;
 mod mtls;
 mod peering;
 mod spiffe_vectors;
