@@ -15,6 +15,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::broker::eventually;
 
+/// Every lab takes VIPs from 127.100.0.0/16 upwards, and its agents listen on them: two labs in
+/// one process at once would collide, so the lab tests take turns.
+static ONE_LAB_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn state_dir(name: &str) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("isthmus-lab-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -55,6 +59,7 @@ async fn http_get(addr: SocketAddr) -> std::io::Result<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_clusters_resolve_and_reach_echo_through_their_vips() {
+    let _turn = ONE_LAB_AT_A_TIME.lock().await;
     let dir = state_dir("two");
     let lab = Lab::start(
         LabSettings {
@@ -136,6 +141,7 @@ async fn two_clusters_resolve_and_reach_echo_through_their_vips() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_clusters_start_peer_and_stop() {
+    let _turn = ONE_LAB_AT_A_TIME.lock().await;
     let dir = state_dir("three");
     let lab = Lab::start(
         LabSettings {

@@ -267,13 +267,19 @@ impl Lab {
     /// Stops every agent, DNS server and gateway, then every broker. The state directory is
     /// left in place.
     pub async fn shutdown(self) {
+        // Clusters stop together: one by one, each gateway would see its peers go first.
+        let mut stopping = tokio::task::JoinSet::new();
         for cluster in self.clusters {
-            cluster.shutdown().await;
+            stopping.spawn(cluster.shutdown());
         }
+        while stopping.join_next().await.is_some() {}
         for broker in self.brokers {
-            let outcome = broker.shutdown(BROKER_DEADLINE).await;
-            tracing::debug!(?outcome, "broker stopped");
+            stopping.spawn(async move {
+                let outcome = broker.shutdown(BROKER_DEADLINE).await;
+                tracing::debug!(?outcome, "broker stopped");
+            });
         }
+        while stopping.join_next().await.is_some() {}
     }
 }
 
