@@ -7,6 +7,7 @@ mod broker;
 mod dns;
 mod gateway;
 mod identity;
+mod lab;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -38,6 +39,8 @@ enum Command {
     Agent(ConfigArgs),
     /// Run the east-west gateway (QUIC mTLS tunnels, HTTP/2 CONNECT fallback).
     Gateway(gateway::GatewayArgs),
+    /// The multi-cluster lab on loopback: start it (`up`) or show a running one (`status`).
+    Lab(lab::LabArgs),
     /// SPIFFE identities: demo, inspect certificates and bundles.
     #[command(subcommand)]
     Identity(IdentityCommand),
@@ -136,6 +139,7 @@ fn dispatch(cli: Cli, env: &dyn config::Environment) -> Result<(), Failure> {
         Command::Gateway(args) => gateway::run(args, env),
         Command::Dns(args) => dns::run(args, env),
         Command::Agent(args) => agent::run(args, env),
+        Command::Lab(args) => lab::run(args),
         Command::Identity(IdentityCommand::Demo(args)) => {
             let cfg: identity::DemoConfig =
                 config::load(args.config.as_deref(), env, identity::DEMO_ENV, &args.set)?;
