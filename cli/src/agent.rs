@@ -23,19 +23,9 @@ use crate::{ConfigArgs, Failure};
 pub fn run(args: ConfigArgs, env: &dyn Environment) -> Result<(), Failure> {
     let cfg: AgentConfig = config::load(args.config.as_deref(), env, ENV_BINDINGS, &args.set)?;
     if args.check {
-        println!(
-            "configuration is valid:\n{}",
-            serde_json::to_string_pretty(&config::redacted_json(&cfg, &[])?)
-                .map_err(anyhow::Error::from)?
-        );
-        return Ok(());
+        return crate::print_valid(&cfg);
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(anyhow::Error::from)?;
-    runtime.block_on(serve(cfg))?;
-    Ok(())
+    crate::block_on(None, serve(cfg))
 }
 
 async fn serve(cfg: AgentConfig) -> anyhow::Result<()> {

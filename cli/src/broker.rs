@@ -243,12 +243,7 @@ pub fn run(args: BrokerArgs, env: &dyn Environment) -> Result<(), Failure> {
     let Some(command) = args.command else {
         let cfg = load_config(&args.config, env)?;
         if args.config.check {
-            println!(
-                "configuration is valid:\n{}",
-                serde_json::to_string_pretty(&config::redacted_json(&cfg, &[])?)
-                    .map_err(anyhow::Error::from)?
-            );
-            return Ok(());
+            return crate::print_valid(&cfg);
         }
         return Ok(runtime()?.block_on(serve(cfg))?);
     };

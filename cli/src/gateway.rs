@@ -77,22 +77,12 @@ pub fn run(args: GatewayArgs, env: &dyn Environment) -> Result<(), Failure> {
     let own = cfg.trust_domain()?.clone();
     cfg.identity.require(&own)?;
     if args.config.check {
-        println!(
-            "configuration is valid:\n{}",
-            serde_json::to_string_pretty(&config::redacted_json(&cfg, &[])?)
-                .map_err(anyhow::Error::from)?
-        );
-        return Ok(());
+        return crate::print_valid(&cfg);
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(anyhow::Error::from)?;
-    runtime.block_on(serve(
-        cfg,
-        args.config.config.clone(),
-        args.config.set.clone(),
-    ))?;
+    crate::block_on(
+        None,
+        serve(cfg, args.config.config.clone(), args.config.set.clone()),
+    )?;
     Ok(())
 }
 

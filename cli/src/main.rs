@@ -101,6 +101,30 @@ impl From<anyhow::Error> for Failure {
     }
 }
 
+/// `--check`: prints the validated configuration (secrets redacted) and reports success.
+fn print_valid<C: serde::Serialize>(cfg: &C) -> Result<(), Failure> {
+    println!(
+        "configuration is valid:\n{}",
+        serde_json::to_string_pretty(&config::redacted_json(cfg, &[])?)
+            .map_err(anyhow::Error::from)?
+    );
+    Ok(())
+}
+
+/// Runs `future` to completion on a multi-threaded runtime (`threads` workers, or one per core).
+fn block_on<F: std::future::Future<Output = anyhow::Result<()>>>(
+    threads: Option<usize>,
+    future: F,
+) -> Result<(), Failure> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(threads) = threads {
+        builder.worker_threads(threads);
+    }
+    let runtime = builder.enable_all().build().map_err(anyhow::Error::from)?;
+    runtime.block_on(future)?;
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     run(cli)
@@ -144,20 +168,9 @@ fn dispatch(cli: Cli, env: &dyn config::Environment) -> Result<(), Failure> {
             let cfg: identity::DemoConfig =
                 config::load(args.config.as_deref(), env, identity::DEMO_ENV, &args.set)?;
             if args.check {
-                println!(
-                    "configuration is valid:\n{}",
-                    serde_json::to_string_pretty(&config::redacted_json(&cfg, &[])?)
-                        .map_err(anyhow::Error::from)?
-                );
-                return Ok(());
+                return print_valid(&cfg);
             }
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .map_err(anyhow::Error::from)?;
-            runtime.block_on(identity::demo(&cfg))?;
-            Ok(())
+            block_on(Some(2), identity::demo(&cfg))
         }
         Command::Identity(IdentityCommand::Inspect { file }) => Ok(identity::inspect(&file)?),
         Command::Identity(IdentityCommand::Bundle { file, trust_domain }) => {
