@@ -101,6 +101,9 @@ pub struct DnsConfig {
     pub max_udp_payload: u16,
     /// Idle TCP connections are closed after this long.
     pub tcp_idle_timeout: HumanDuration,
+    /// UDP sockets sharing the port (`SO_REUSEPORT`), each with its own receive task; 0 means
+    /// one per available core.
+    pub udp_sockets: usize,
     /// The gateway's local catalog API.
     pub catalog: Option<SocketAddr>,
     /// This cluster's trust domain (required with `catalog`: the catalog API is mTLS within
@@ -126,6 +129,7 @@ impl Default for DnsConfig {
             max_records: DEFAULT_MAX_RECORDS,
             max_udp_payload: server.max_udp_payload,
             tcp_idle_timeout: HumanDuration(server.tcp_idle_timeout),
+            udp_sockets: server.udp_sockets,
             catalog: None,
             trust_domain: None,
             identity: isthmus_api::identity::IdentityFiles::default(),
@@ -159,6 +163,7 @@ impl DnsConfig {
             listen: self.listen,
             max_udp_payload: self.max_udp_payload,
             tcp_idle_timeout: self.tcp_idle_timeout.0,
+            udp_sockets: self.udp_sockets,
         }
     }
 }

@@ -78,6 +78,9 @@ pub struct ServerSettings {
     pub max_udp_payload: u16,
     /// A TCP connection that sends no query for this long is closed.
     pub tcp_idle_timeout: Duration,
+    /// UDP sockets sharing the port (`SO_REUSEPORT`; the kernel spreads queries over them),
+    /// each with its own receive task. 0 means one per available core.
+    pub udp_sockets: usize,
 }
 
 impl Default for ServerSettings {
@@ -86,6 +89,7 @@ impl Default for ServerSettings {
             listen: SocketAddr::from(([0, 0, 0, 0], 53)),
             max_udp_payload: 1232,
             tcp_idle_timeout: Duration::from_secs(10),
+            udp_sockets: 0,
         }
     }
 }
@@ -503,14 +507,20 @@ impl DnsServer {
         settings: &ServerSettings,
         handler: ZoneHandler,
     ) -> Result<Self, ServerError> {
-        let (udp, tcp) = bind(settings.listen).await?;
-        let addr = udp.local_addr().map_err(|source| ServerError::Bind {
-            protocol: "UDP",
+        let count = match settings.udp_sockets {
+            0 => std::thread::available_parallelism().map_or(1, usize::from),
+            n => n,
+        };
+        let (udp, tcp) = bind(settings.listen, count).await?;
+        let addr = tcp.local_addr().map_err(|source| ServerError::Bind {
+            protocol: "TCP",
             address: settings.listen,
             source,
         })?;
         let mut server = Server::new(handler);
-        server.register_socket(udp);
+        for socket in udp {
+            server.register_socket(socket);
+        }
         // One response in flight per connection is plenty: clients pipeline few queries.
         server.register_listener(tcp, settings.tcp_idle_timeout, 16);
         tracing::info!(address = %addr, "DNS server listening on UDP and TCP");
@@ -531,25 +541,29 @@ impl DnsServer {
     }
 }
 
-/// UDP first (port 0 picks a port), then TCP on the same port; when another process holds
-/// that TCP port, a picked port is picked again.
-async fn bind(listen: SocketAddr) -> Result<(UdpSocket, TcpListener), ServerError> {
+/// `count` UDP sockets sharing one port (`SO_REUSEPORT`; port 0 picks one), then TCP on the
+/// same port; when another process holds that TCP port, a picked port is picked again.
+async fn bind(
+    listen: SocketAddr,
+    count: usize,
+) -> Result<(Vec<UdpSocket>, TcpListener), ServerError> {
+    let udp_error = |address: SocketAddr| {
+        move |source| ServerError::Bind {
+            protocol: "UDP",
+            address,
+            source,
+        }
+    };
     let mut last_error = None;
     for _ in 0..BIND_ATTEMPTS {
-        let udp = UdpSocket::bind(listen)
-            .await
-            .map_err(|source| ServerError::Bind {
-                protocol: "UDP",
-                address: listen,
-                source,
-            })?;
-        let bound = udp.local_addr().map_err(|source| ServerError::Bind {
-            protocol: "UDP",
-            address: listen,
-            source,
-        })?;
+        let first = reuse_port_udp(listen).map_err(udp_error(listen))?;
+        let bound = first.local_addr().map_err(udp_error(listen))?;
+        let mut sockets = vec![first];
+        for _ in 1..count.max(1) {
+            sockets.push(reuse_port_udp(bound).map_err(udp_error(bound))?);
+        }
         match TcpListener::bind(bound).await {
-            Ok(tcp) => return Ok((udp, tcp)),
+            Ok(tcp) => return Ok((sockets, tcp)),
             Err(source) if listen.port() == 0 && source.kind() == std::io::ErrorKind::AddrInUse => {
                 last_error = Some(source);
             }
@@ -570,6 +584,23 @@ async fn bind(listen: SocketAddr) -> Result<(UdpSocket, TcpListener), ServerErro
     })
 }
 
+/// A non-blocking UDP socket with `SO_REUSEPORT` bound to `address` (only sockets of the
+/// same user can join its port group).
+fn reuse_port_udp(address: SocketAddr) -> std::io::Result<UdpSocket> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(address),
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )?;
+    socket.set_reuse_port(true)?;
+    if address.is_ipv6() {
+        socket.set_only_v6(false)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&address.into())?;
+    UdpSocket::from_std(socket.into())
+}
+
 /// Watches the gateway's catalog API on `client` (typically over
 /// [`isthmus_api::transport::tls_channel`]) and publishes every snapshot into `feed` until
 /// `drain` signals; see [`isthmus_api::catalog_watch::follow`] for the reconnection rules.
@@ -588,4 +619,26 @@ pub async fn follow_catalog(
         drain,
     )
     .await;
+}
+
+#[cfg(test)]
+mod bind_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn udp_sockets_share_the_port_tcp_listens_on() {
+        let (udp, tcp) = bind(SocketAddr::from(([127, 0, 0, 1], 0)), 3)
+            .await
+            .unwrap();
+        let port = tcp.local_addr().unwrap().port();
+        assert_eq!(udp.len(), 3);
+        for socket in &udp {
+            assert_eq!(socket.local_addr().unwrap().port(), port);
+        }
+        // Another socket of this user may join the group; a plain bind may not.
+        assert!(
+            std::net::UdpSocket::bind(SocketAddr::from(([127, 0, 0, 1], port))).is_err(),
+            "a socket without SO_REUSEPORT must not take the port"
+        );
+    }
 }
