@@ -1,5 +1,6 @@
 //! `isthmus lab`: several clusters in this process on loopback (`up`), and the status of a
-//! running lab from another shell (`status`, read from `<state_dir>/status.json`).
+//! running lab from another shell (`status`, read from `<state_dir>/status.json`), and the demo
+//! (`demo`: a two-cluster lab in a fresh state directory, scenarios with verdicts, teardown).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -41,6 +42,9 @@ enum LabCommand {
         #[arg(long)]
         state_dir: Option<PathBuf>,
     },
+    /// Start a two-cluster lab in a fresh temporary state directory, run the demo scenarios,
+    /// print a report with a verdict for each, stop the lab; exit 1 if any scenario failed.
+    Demo,
     /// Clusters, federation links, peerings and VIPs of the running lab.
     Status {
         /// Output format.
@@ -76,6 +80,17 @@ pub fn run(args: LabArgs) -> Result<(), Failure> {
                 .map_err(anyhow::Error::from)?;
             runtime.block_on(up(settings))?;
             Ok(())
+        }
+        LabCommand::Demo => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .map_err(anyhow::Error::from)?;
+            if runtime.block_on(demo())? {
+                Ok(())
+            } else {
+                Err(anyhow::anyhow!("the demo failed: see the report above").into())
+            }
         }
         LabCommand::Status { output, state_dir } => {
             let dir = state_dir.unwrap_or_else(|| LabSettings::default().state_dir);
@@ -131,6 +146,36 @@ async fn up(settings: LabSettings) -> anyhow::Result<()> {
         .map_err(|_| anyhow::anyhow!("the lab did not stop within {SHUTDOWN_DEADLINE:?}"))?;
     eprintln!("lab stopped");
     Ok(())
+}
+
+/// Runs the demo; whether every scenario passed (or was skipped).
+async fn demo() -> anyhow::Result<bool> {
+    let state_dir = std::env::temp_dir().join(format!("isthmus-lab-demo-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&state_dir);
+    let settings = LabSettings {
+        clusters: 2,
+        state_dir: state_dir.clone(),
+    };
+    eprintln!(
+        "starting a 2-cluster lab (state in {})",
+        state_dir.display()
+    );
+    let lab = Lab::start(settings, |line| eprintln!("  {line}"))
+        .await
+        .context("starting the lab")?;
+    println!("{}", isthmus_lab::status::clusters_table(&lab.clusters()));
+    println!("Scenarios:\n");
+    let report = isthmus_lab::demo::run_demo(&lab, |scenario| {
+        println!("{}", scenario.render());
+    })
+    .await;
+    eprintln!("stopping the lab");
+    let stopped = tokio::time::timeout(SHUTDOWN_DEADLINE, lab.shutdown()).await;
+    let _ = std::fs::remove_dir_all(&state_dir);
+    stopped.map_err(|_| anyhow::anyhow!("the lab did not stop within {SHUTDOWN_DEADLINE:?}"))?;
+    let verdict = if report.passed() { "PASS" } else { "FAIL" };
+    println!("Demo {verdict}: {}", report.summary());
+    Ok(report.passed())
 }
 
 /// Removes what a previous run left: its status document and the clusters' directories

@@ -39,6 +39,10 @@ pub const DEMO_NAMESPACE: &str = "demo";
 pub const DEMO_SERVICE: &str = "echo";
 /// The demo service's port (the port workloads dial on its VIP).
 pub const DEMO_PORT: u16 = 8080;
+/// The service only cluster `cluster` exports (same backend as `echo`): `echo-<cluster>`.
+pub fn own_service(cluster: &str) -> String {
+    format!("{DEMO_SERVICE}-{cluster}")
+}
 /// The path of the demo client's SPIFFE ID in every trust domain.
 pub const CLIENT_PATH: [&str; 4] = ["ns", "demo", "sa", "client"];
 
@@ -71,7 +75,7 @@ pub(crate) fn broker_config(plan: &ClusterPlan, state_dir: &Path) -> BrokerConfi
     cfg
 }
 
-fn admin(broker: &Broker) -> BrokerAdminClient<tonic::transport::Channel> {
+pub(crate) fn admin(broker: &Broker) -> BrokerAdminClient<tonic::transport::Channel> {
     BrokerAdminClient::new(unix_channel(broker.admin_socket().to_path_buf()))
 }
 
@@ -179,6 +183,8 @@ fn catalog_client(
 pub(crate) struct RunningCluster {
     pub(crate) info: ClusterInfo,
     pub(crate) gateway: Gateway,
+    /// The echo service's own address (what the demo calls directly).
+    pub(crate) backend: SocketAddr,
     dns: DnsServer,
     workload_api: WorkloadApiServer,
     outbound: Outbound,
@@ -198,6 +204,7 @@ impl std::fmt::Debug for RunningCluster {
 struct Components {
     info: ClusterInfo,
     gateway: Gateway,
+    backend: SocketAddr,
     dns: DnsServer,
     workload_api: WorkloadApiServer,
     outbound: Outbound,
@@ -223,6 +230,7 @@ impl RunningCluster {
             Ok(c) => Ok(Self {
                 info: c.info,
                 gateway: c.gateway,
+                backend: c.backend,
                 dns: c.dns,
                 workload_api: c.workload_api,
                 outbound: c.outbound,
@@ -343,9 +351,13 @@ impl RunningCluster {
                 dns: dns.local_addr(),
                 gateway: gateway.addr(),
                 broker: broker.api_addr(),
-                services: vec![format!("{DEMO_SERVICE}.{DEMO_NAMESPACE}")],
+                services: vec![
+                    format!("{DEMO_SERVICE}.{DEMO_NAMESPACE}"),
+                    format!("{}.{DEMO_NAMESPACE}", own_service(name)),
+                ],
             },
             gateway,
+            backend,
             dns,
             workload_api,
             outbound,
@@ -376,21 +388,26 @@ impl RunningCluster {
                 .iter()
                 .map(|p| p.trust_domain.clone())
                 .collect(),
-            services: vec![ExportedService {
-                namespace: DEMO_NAMESPACE.into(),
-                name: DEMO_SERVICE.into(),
-                ports: vec![ServicePort {
-                    name: "http".into(),
-                    port: DEMO_PORT,
-                    target_port: Some(backend.port()),
-                    protocol: "TCP".into(),
-                }],
-                endpoints: vec![EndpointConfig {
-                    address: backend.ip(),
-                    ready: true,
-                }],
-                allow,
-            }],
+            // `echo` from every cluster; `echo-<name>` only from this one (so that calling it
+            // from another cluster crosses through the tunnel).
+            services: [DEMO_SERVICE.to_owned(), own_service(&plan.name)]
+                .into_iter()
+                .map(|name| ExportedService {
+                    namespace: DEMO_NAMESPACE.into(),
+                    name,
+                    ports: vec![ServicePort {
+                        name: "http".into(),
+                        port: DEMO_PORT,
+                        target_port: Some(backend.port()),
+                        protocol: "TCP".into(),
+                    }],
+                    endpoints: vec![EndpointConfig {
+                        address: backend.ip(),
+                        ready: true,
+                    }],
+                    allow: allow.clone(),
+                })
+                .collect(),
             catalog_listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
             ..GatewayConfig::default()
         };
@@ -514,6 +531,11 @@ impl RunningCluster {
     /// The addresses the node agent listens on (one per global service port VIP).
     pub(crate) fn agent_listening(&self) -> Vec<SocketAddr> {
         self.outbound.listening()
+    }
+
+    /// What the node agent did with the connections it accepted.
+    pub(crate) fn agent_stats(&self) -> isthmus_node_agent::outbound::OutboundStats {
+        self.outbound.stats()
     }
 
     /// Stops the agent, DNS server and gateway, in that order.

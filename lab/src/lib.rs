@@ -9,6 +9,7 @@
 //! in `echo`, the status document in [`status`].
 
 mod cluster;
+pub mod demo;
 mod echo;
 pub mod status;
 
@@ -19,8 +20,9 @@ use std::time::Duration;
 use isthmus_core::TrustDomain;
 use isthmus_trust_broker::runtime::Broker;
 
-pub use cluster::{CLIENT_PATH, DEMO_NAMESPACE, DEMO_PORT, DEMO_SERVICE};
+pub use cluster::{CLIENT_PATH, DEMO_NAMESPACE, DEMO_PORT, DEMO_SERVICE, own_service};
 pub use echo::body as echo_body;
+pub use isthmus_node_agent::outbound::OutboundStats;
 pub use status::{ClusterInfo, ClusterStatus, LabStatus};
 
 use cluster::{ClusterPlan, Neighbours, RunningCluster};
@@ -234,6 +236,43 @@ impl Lab {
             .find(|c| c.info.name == name)
             .map(RunningCluster::agent_listening)
             .unwrap_or_default()
+    }
+
+    /// The demo service's own address in cluster `name` (bypassing agent and gateway).
+    pub fn echo_backend(&self, name: &str) -> Option<SocketAddr> {
+        self.cluster(name).map(|c| c.backend)
+    }
+
+    /// What cluster `name`'s node agent did with the connections it accepted.
+    pub fn agent_stats(&self, name: &str) -> Option<OutboundStats> {
+        self.cluster(name).map(RunningCluster::agent_stats)
+    }
+
+    /// Rotates cluster `name`'s CA through its broker's admin API (`now`: the new root signs
+    /// at once). Returns the bundle sequence that publishes the new root.
+    pub async fn rotate_ca(&self, name: &str, now: bool) -> Result<u64, LabError> {
+        let index = self
+            .clusters
+            .iter()
+            .position(|c| c.info.name == name)
+            .ok_or_else(|| LabError::Bug(format!("no cluster named {name}")))?;
+        let broker = self
+            .brokers
+            .get(index)
+            .ok_or_else(|| LabError::Bug(format!("no broker for cluster {name}")))?;
+        let response = cluster::admin(broker)
+            .rotate_ca(isthmus_api::broker::RotateCaRequest { now })
+            .await
+            .map_err(|status| LabError::Admin {
+                cluster: name.to_owned(),
+                what: "RotateCa".into(),
+                message: status.message().to_owned(),
+            })?;
+        Ok(response.into_inner().sequence)
+    }
+
+    fn cluster(&self, name: &str) -> Option<&RunningCluster> {
+        self.clusters.iter().find(|c| c.info.name == name)
     }
 
     /// Health of every cluster: federation links, peerings, services and their VIPs.
