@@ -68,7 +68,6 @@ fn loopback() -> ServerSettings {
 struct Upstream {
     server: DnsServer,
     metrics: DnsMetrics,
-    registry: MetricsRegistry,
     _feed: ZoneFeed,
 }
 
@@ -76,8 +75,7 @@ impl Upstream {
     async fn start() -> Self {
         let (mut feed, zone) = ZoneFeed::new(ZoneSettings::new("upstream.test", 30, 100).unwrap());
         feed.publish(&snapshot(vec![service("demo", "web", "10.77.0.7")]));
-        let mut registry = MetricsRegistry::new();
-        let metrics = DnsMetrics::register(&mut registry);
+        let metrics = DnsMetrics::default();
         let settings = loopback();
         let handler =
             ZoneHandler::new(zone, settings.max_udp_payload).with_metrics(metrics.clone());
@@ -85,7 +83,6 @@ impl Upstream {
         Self {
             server,
             metrics,
-            registry,
             _feed: feed,
         }
     }
@@ -166,7 +163,7 @@ fn addresses(response: &DnsResponse) -> Vec<String> {
 #[tokio::test]
 async fn names_outside_the_zone_are_forwarded_and_cached() {
     let upstream = Upstream::start().await;
-    let (server, _feed, metrics, registry) =
+    let (server, _feed, _metrics, registry) =
         server_under_test(Some(to(upstream.server.local_addr()))).await;
     let addr = server.local_addr();
 
@@ -233,10 +230,8 @@ async fn names_outside_the_zone_are_forwarded_and_cached() {
         text.contains("isthmus_dns_query_duration_seconds_count{source=\"forward\"} 8"),
         "{text}"
     );
-    drop(metrics);
     server.shutdown().await.unwrap();
     upstream.server.shutdown().await.unwrap();
-    drop(upstream.registry);
 }
 
 #[tokio::test]

@@ -335,20 +335,27 @@ impl ZoneHandler {
                 Source::Server,
             );
         }
+        let name = Name::from(query.name().clone());
         // Clone the Arc so the watch is not borrowed across the await below.
-        let Some(zone) = self.zone.borrow().clone() else {
-            // No zone yet: names of the zone are unknown (SERVFAIL), but names outside it
-            // can be forwarded already.
-            let name = Name::from(query.name().clone());
-            if let (Some(forwarder), Some(origin)) = (&self.forwarder, &self.origin)
-                && !origin.zone_of(&name)
-            {
-                let forwarded = forwarder.forward(&name, query.query_type()).await;
-                return (
-                    send_forwarded(request, edns.as_ref(), &name, forwarded, response_handle).await,
-                    Source::Forward,
-                );
-            }
+        let zone = self.zone.borrow().clone();
+        let answer = zone
+            .as_ref()
+            .map(|zone| zone.answer(&name, query.query_type()));
+        // Names outside the zone go upstream; before the first zone arrives the origin alone
+        // says which names those are.
+        let outside = match &answer {
+            Some(answer) => answer.kind == AnswerKind::OutOfZone,
+            None => self.origin.as_ref().is_some_and(|o| !o.zone_of(&name)),
+        };
+        if outside && let Some(forwarder) = &self.forwarder {
+            let forwarded = forwarder.forward(&name, query.query_type()).await;
+            return (
+                send_forwarded(request, edns.as_ref(), &name, forwarded, response_handle).await,
+                Source::Forward,
+            );
+        }
+        // No zone yet: names of the zone are unknown (SERVFAIL, never NXDOMAIN).
+        let Some(answer) = answer else {
             return (
                 send_error(
                     request,
@@ -360,17 +367,6 @@ impl ZoneHandler {
                 Source::Server,
             );
         };
-        let name = Name::from(query.name().clone());
-        let answer = zone.answer(&name, query.query_type());
-        if answer.kind == AnswerKind::OutOfZone
-            && let Some(forwarder) = &self.forwarder
-        {
-            let forwarded = forwarder.forward(&name, query.query_type()).await;
-            return (
-                send_forwarded(request, edns.as_ref(), &name, forwarded, response_handle).await,
-                Source::Forward,
-            );
-        }
 
         let mut metadata = Metadata::response_from_request(&request.metadata);
         metadata.response_code = answer.kind.response_code();

@@ -28,7 +28,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::attest::{WorkloadAttestor, selectors_for};
+use crate::attest::WorkloadAttestor;
 use crate::identities::{WorkloadIdentities, WorkloadSvid};
 use crate::redirect::{RedirectError, Redirector};
 
@@ -504,13 +504,7 @@ async fn handle(
     // Name the workload behind the connection.
     let selectors = crate::peer::tcp_peer(peer, local)
         .map_err(|e| e.to_string())
-        .and_then(|creds| {
-            state
-                .attestor
-                .attest(&creds)
-                .or_else(|_| selectors_for(&creds))
-                .map_err(|e| e.to_string())
-        });
+        .and_then(|creds| state.attestor.attest(&creds).map_err(|e| e.to_string()));
     let workload = match selectors {
         Ok(selectors) => state
             .identities
