@@ -6,16 +6,12 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use isthmus_api::broker_client::{BrokerEndpoint, NodeIdentity};
-use isthmus_api::catalog::catalog_client::CatalogClient;
-use isthmus_api::transport::{ALPN_H2, tls_channel};
 use isthmus_core::Bundle;
 use isthmus_core::config::{self, Environment};
 use isthmus_core::lifecycle::{DrainTrigger, Shutdown};
-use isthmus_core::tls::{AllowIds, MtlsSettings};
-use isthmus_node_agent::attest::UnixAttestor;
+use isthmus_node_agent::WorkloadApiServer;
 use isthmus_node_agent::config::{AgentConfig, ENV_BINDINGS};
-use isthmus_node_agent::outbound::{Outbound, follow_catalog};
-use isthmus_node_agent::{WorkloadApiServer, WorkloadIdentities};
+use isthmus_node_agent::runtime::{Agent, AgentSettings};
 
 use crate::{ConfigArgs, Failure};
 
@@ -53,51 +49,22 @@ async fn serve(cfg: AgentConfig) -> anyhow::Result<()> {
     .context("attesting the node to the trust broker")?;
     let node = Arc::new(node);
     let node_id = node.node_svid().current().svid.id().clone();
-    let identities =
-        WorkloadIdentities::start(node.clone(), cfg.identity_settings(), watch.clone());
-
-    let workload_api = match cfg.workload_api_settings() {
-        Some(settings) => Some(
-            WorkloadApiServer::start_unix(&settings, identities.clone(), watch.clone())
-                .await
-                .context("starting the Workload API")?,
-        ),
-        None => None,
-    };
-
-    let outbound = match (cfg.outbound_settings(), cfg.catalog) {
-        (Some(settings), Some(catalog)) => {
-            let gateway = own
-                .workload_id(&["ns", "isthmus-system", "sa", "eastwest-gateway"])
-                .map_err(anyhow::Error::from)?;
-            let tls = isthmus_core::tls::client_config(&MtlsSettings {
-                svid: node.node_svid().clone(),
-                trust: node.trust().clone(),
-                authorizer: Arc::new(AllowIds(vec![gateway])),
-                alpn: vec![ALPN_H2.to_vec()],
-                observer: None,
-            })?;
-            let (sender, snapshots) = tokio::sync::watch::channel(None);
-            tokio::spawn(follow_catalog(
-                CatalogClient::new(tls_channel(catalog, Arc::new(tls))),
-                sender,
-                watch.clone(),
-            ));
-            Some(
-                Outbound::start(
-                    settings,
-                    identities.clone(),
-                    Arc::new(UnixAttestor::default()),
-                    node.trust().clone(),
-                    snapshots,
-                    watch.clone(),
-                )
-                .await
-                .context("starting outbound connections")?,
-            )
-        }
-        _ => None,
-    };
+    let agent = Agent::start(
+        node,
+        AgentSettings {
+            identity: cfg.identity_settings(),
+            workload_api: cfg.workload_api_settings(),
+            outbound: cfg.outbound_settings().zip(cfg.catalog),
+        },
+        watch.clone(),
+    )
+    .await
+    .context("starting the node agent")?;
+    let Agent {
+        workload_api,
+        outbound,
+        ..
+    } = agent;
 
     eprintln!(
         "node agent {node_id}: Workload API {}; outbound {}",

@@ -23,10 +23,10 @@ use isthmus_gateway::config::{
 };
 use isthmus_gateway::peering::{GATEWAY_PATH, PeerConfig};
 use isthmus_gateway::server::Gateway;
-use isthmus_node_agent::attest::UnixAttestor;
 use isthmus_node_agent::identities::IdentitySettings;
+use isthmus_node_agent::runtime::{Agent, AgentSettings};
 use isthmus_node_agent::workload_api::WorkloadApiSettings;
-use isthmus_node_agent::{Mode, Outbound, OutboundSettings, WorkloadApiServer, WorkloadIdentities};
+use isthmus_node_agent::{Mode, Outbound, OutboundSettings, WorkloadApiServer};
 use isthmus_trust_broker::config::BrokerConfig;
 use isthmus_trust_broker::runtime::Broker;
 
@@ -484,47 +484,35 @@ impl RunningCluster {
             neighbours.uid,
         )
         .await?;
-        let node = Arc::new(node);
-        let identities =
-            WorkloadIdentities::start(node.clone(), IdentitySettings::default(), watch.clone());
-        let agent_error = |e: String| LabError::Agent {
+        let agent = Agent::start(
+            Arc::new(node),
+            AgentSettings {
+                identity: IdentitySettings::default(),
+                workload_api: Some(WorkloadApiSettings {
+                    socket: neighbours.state_dir.join(name).join("agent.sock"),
+                    ..WorkloadApiSettings::default()
+                }),
+                outbound: Some((
+                    OutboundSettings {
+                        mode: Mode::Explicit,
+                        quic_bind: SocketAddr::from(([127, 0, 0, 1], 0)),
+                        ..OutboundSettings::default()
+                    },
+                    catalog,
+                )),
+            },
+            watch.clone(),
+        )
+        .await
+        .map_err(|e| LabError::Agent {
             cluster: name.to_owned(),
-            message: e,
+            message: e.to_string(),
+        })?;
+        let (Some(workload_api), Some(outbound)) = (agent.workload_api, agent.outbound) else {
+            return Err(LabError::Bug(
+                "the agent started without its Workload API or outbound".into(),
+            ));
         };
-        let workload_api = WorkloadApiServer::start_unix(
-            &WorkloadApiSettings {
-                socket: neighbours.state_dir.join(name).join("agent.sock"),
-                ..WorkloadApiSettings::default()
-            },
-            identities.clone(),
-            watch.clone(),
-        )
-        .await
-        .map_err(|e| agent_error(e.to_string()))?;
-        let node_identity = Identity {
-            svid: node.node_svid().clone(),
-            trust: node.trust().clone(),
-        };
-        let (sender, snapshots) = tokio::sync::watch::channel(None);
-        tokio::spawn(isthmus_node_agent::outbound::follow_catalog(
-            catalog_client(&node_identity, own, catalog)?,
-            sender,
-            watch.clone(),
-        ));
-        let outbound = Outbound::start(
-            OutboundSettings {
-                mode: Mode::Explicit,
-                quic_bind: SocketAddr::from(([127, 0, 0, 1], 0)),
-                ..OutboundSettings::default()
-            },
-            identities,
-            Arc::new(UnixAttestor::default()),
-            node.trust().clone(),
-            snapshots,
-            watch.clone(),
-        )
-        .await
-        .map_err(|e| agent_error(e.to_string()))?;
         Ok((workload_api, outbound))
     }
 

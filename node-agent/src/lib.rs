@@ -19,6 +19,7 @@ pub mod identities;
 pub mod outbound;
 pub mod peer;
 pub mod redirect;
+pub mod runtime;
 pub mod sandbox;
 pub mod workload_api;
 
